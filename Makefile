@@ -1,0 +1,35 @@
+# Set-up and test commands. `make test` on a fresh clone installs everything it needs.
+SHELL := /bin/bash
+PY_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint clean-venv
+
+install: $(STAMP)
+
+# torch first (the pinned CPU wheel), then everything else in ONE pip command so the resolver sees
+# every pin at once (installing moto after s3fs separately breaks aiobotocore's botocore pin).
+# DeepSpeed is an sdist: it builds against the installed torch (no build isolation), with its CPU
+# shared-memory all-reduce op compiled now so no run JIT-compiles it (~35 s on 2 cores).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q ninja
+	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_ACCELERATOR=cpu \
+	  $(PIP) install -q --no-build-isolation -e '.[dev]'
+	$(PY) -c "import deepspeed.ops.comm.deepspeed_shm_comm_op" 2>/dev/null \
+	  || $(PY) -c "from deepspeed.ops.op_builder import ShareMemCommBuilder as B; B().load(); print('shm op JIT-built')"
+	touch $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install lint
+	$(VENV)/bin/pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

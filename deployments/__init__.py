@@ -1,0 +1,1 @@
+"""Deployment definitions: work pool, schedules, parameters from checked-in YAML."""

@@ -1,0 +1,1 @@
+"""Prefect flows that read top to bottom, and the `vlmft` command line."""

@@ -1,0 +1,1 @@
+"""vlm_core: the Prefect-free library for fine-tuning InternVL-style models."""

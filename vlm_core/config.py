@@ -1,0 +1,370 @@
+"""The one typed configuration of a fine-tuning run.
+
+`FinetuneConfig` is the same object everywhere: the YAML a user writes (with `key.path=value`
+overrides on the command line), the Prefect flow parameter (so the UI form shows every field with
+its help text), and the JSON handed to the training subprocess. Every field carries a description;
+choices are `Literal`s. Bad input raises `ConfigError`, which names the key path, what is allowed
+and, for a misspelt key, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+LLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VISION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key path and how to fix it in the message."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the training data comes from and how samples are turned into model inputs."""
+
+    meta: str = Field(
+        "data/demo/meta.json",
+        description="Path or fsspec URL of an InternVL meta JSON ({name: {root, annotation, repeat_time, "
+        "max_dynamic_patch}}) or of a single LLaVA JSON list of records.",
+    )
+    image_root: str | None = Field(
+        None,
+        description="Image folder (path or URL) for a LLaVA JSON list; ignored for an InternVL meta JSON, "
+        "whose datasets each name their own root.",
+    )
+    shards: str = Field(
+        "runs/demo/shards",
+        description="Folder or fsspec URL (e.g. s3://bucket/shards) where WebDataset shards and manifest.json go.",
+    )
+    max_dynamic_patch: int = Field(
+        12, ge=1, le=64, description="Maximum number of image tiles per sample (InternVL's max_dynamic_patch)."
+    )
+    min_dynamic_patch: int = Field(1, ge=1, le=64, description="Minimum number of image tiles per sample.")
+    use_thumbnail: bool = Field(
+        True, description="Append a whole-image thumbnail tile when an image is cut into more than one tile."
+    )
+    normalization: Literal["imagenet", "clip", "siglip"] = Field(
+        "imagenet", description="Pixel mean/std constants used to normalise tiles."
+    )
+    max_seq_length: int = Field(
+        4096, ge=16, description="Longest token sequence (text + image tokens); longer samples are reported."
+    )
+    system_prompt: str | None = Field(
+        None, description="System prompt added to conversations that have none; null adds nothing."
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Fraction of samples held out (deterministically) for evaluation."
+    )
+    samples_per_shard: int = Field(1000, ge=1, description="Maximum samples in one WebDataset tar shard.")
+    max_shard_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="Maximum size of one shard in bytes before a new one starts."
+    )
+    max_image_pixels: int = Field(
+        89_478_485, ge=1, description="Images with more pixels are rejected as decompression bombs."
+    )
+    max_reject_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="The run fails when more than this fraction of samples is rejected."
+    )
+    shuffle_buffer: int = Field(1000, ge=0, description="Samples held in the streaming loader's shuffle buffer.")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes per training rank.")
+
+    @model_validator(mode="after")
+    def _tiles(self) -> DataConfig:
+        if self.min_dynamic_patch > self.max_dynamic_patch:
+            raise ValueError(
+                f"data.min_dynamic_patch ({self.min_dynamic_patch}) must not exceed "
+                f"data.max_dynamic_patch ({self.max_dynamic_patch})"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    """The base model: where it is, how it is loaded and which parts are trained."""
+
+    path: str = Field(
+        "runs/tiny-internvl",
+        description="Folder (or fsspec URL, fetched to model.cache_dir) of an InternVL checkpoint in "
+        "transformers format (model_type 'internvl', the *-hf checkpoints).",
+    )
+    build_tiny_if_missing: bool = Field(
+        False,
+        description="Build the tiny random InternVL (tests, demo) at model.path when the folder does not exist.",
+    )
+    cache_dir: str = Field(
+        "~/.cache/vlm_finetune/models", description="Local folder where a model given as a URL is downloaded."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Dtype the weights are loaded in (float32 on CPU-only test machines)."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention kernel; 'auto' picks flash_attention_2 when installed and on a GPU, else sdpa.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow code shipped with the checkpoint to run (only for checkpoints that need it)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass to save memory."
+    )
+    freeze_vision: bool = Field(True, description="Freeze the vision encoder (InternVL's freeze_backbone).")
+    unfreeze_vision_layers: int = Field(
+        0, ge=0, description="With freeze_vision, still train the last N vision encoder layers."
+    )
+    freeze_projector: bool = Field(False, description="Freeze the MLP projector (InternVL's freeze_mlp).")
+    freeze_llm: bool = Field(
+        False,
+        description="Freeze the language model, embeddings and LM head (always frozen under LoRA on the LLM).",
+    )
+
+
+class LoraConfig(_Section):
+    """LoRA adapters (peft). Adapted parts keep their base weights frozen."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of full weights.")
+    llm: bool = Field(True, description="Put LoRA adapters on the language model.")
+    vision: bool = Field(False, description="Put LoRA adapters on the vision encoder.")
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: int | None = Field(None, ge=1, description="LoRA alpha; null means 2 * r (InternVL's choice).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    llm_target_modules: list[str] = Field(
+        default_factory=lambda: list(LLM_LORA_TARGETS),
+        min_length=1,
+        description="Names of the language model's linear layers that get adapters.",
+    )
+    vision_target_modules: list[str] = Field(
+        default_factory=lambda: list(VISION_LORA_TARGETS),
+        min_length=1,
+        description="Names of the vision encoder's linear layers that get adapters (with lora.vision).",
+    )
+
+    @model_validator(mode="after")
+    def _some_target(self) -> LoraConfig:
+        if self.enabled and not (self.llm or self.vision):
+            raise ValueError("lora.enabled is true but neither lora.llm nor lora.vision is; enable one")
+        return self
+
+
+class TrainConfig(_Section):
+    """Optimisation, checkpointing and the distributed launch."""
+
+    output_dir: str = Field("runs/demo/train", description="Local folder for checkpoints, logs and metrics.")
+    seed: int = Field(42, description="Random seed for weights init of new parts, data order and dropout.")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 runs train.num_epochs epochs.")
+    num_epochs: float = Field(1.0, gt=0, description="Epochs over the training shards when max_steps is -1.")
+    per_device_batch_size: int = Field(1, ge=1, description="Samples per micro-batch on each rank.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(4e-5, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
+    loss_reduction: Literal["token", "sample", "square"] = Field(
+        "square",
+        description="How token losses are weighted: token (each token 1), sample (1/n per sample of n "
+        "supervised tokens), square (1/sqrt(n), InternVL 2.5/3's choice); normalised over the global batch.",
+    )
+    bf16: bool = Field(True, description="Train in bfloat16 mixed precision.")
+    deepspeed: Literal["none", "zero1", "zero2", "zero3", "zero3_offload"] = Field(
+        "zero2", description="DeepSpeed ZeRO stage (configs shipped in the repository), or none."
+    )
+    save_steps: int = Field(500, ge=1, description="Save a checkpoint every N optimizer steps.")
+    save_total_limit: int | None = Field(3, ge=1, description="Checkpoints kept locally; null keeps all.")
+    eval_steps: int = Field(500, ge=1, description="Evaluate on held-out shards every N steps.")
+    logging_steps: int = Field(10, ge=1, description="Log metrics every N steps.")
+    resume_from: str = Field(
+        "auto",
+        description="'auto' resumes from the newest complete checkpoint (local or in storage), 'none' starts "
+        "fresh, anything else is a checkpoint folder.",
+    )
+    launcher: Literal["torchrun", "deepspeed", "python"] = Field(
+        "torchrun", description="How training processes are started."
+    )
+    nproc_per_node: int = Field(1, ge=1, description="Training processes per node.")
+    nnodes: int = Field(1, ge=1, description="Number of nodes.")
+    node_rank: int = Field(0, ge=0, description="This node's rank (multi-node launches).")
+    master_addr: str = Field("127.0.0.1", description="Address of the rank-0 node.")
+    master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on the rank-0 node.")
+
+    @model_validator(mode="after")
+    def _nodes(self) -> TrainConfig:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"train.node_rank ({self.node_rank}) must be below train.nnodes ({self.nnodes})")
+        return self
+
+
+class StorageConfig(_Section):
+    """Object storage for checkpoints and merged models. Credentials come from the environment only."""
+
+    url: str | None = Field(
+        None,
+        description="Folder or fsspec URL (s3://bucket/prefix) for checkpoints and merged models; null keeps "
+        "everything local. S3 endpoint and keys come from AWS_* environment variables, never from here.",
+    )
+    upload_checkpoints: bool = Field(True, description="Upload each checkpoint while training runs.")
+
+
+class LoggingConfig(_Section):
+    """Experiment tracking."""
+
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Trackers that receive training metrics."
+    )
+    wandb_project: str = Field("vlm-finetune", description="W&B project name.")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="W&B mode; online also needs WANDB_API_KEY in the environment."
+    )
+
+
+class FinetuneConfig(_Section):
+    """Everything a fine-tuning run needs: data, model, LoRA, training, storage and logging."""
+
+    name: str = Field("demo", min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="Run name (letters, digits, . _ -).")
+    data: DataConfig = Field(default_factory=DataConfig, description="Data sources and preprocessing.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model and what is trained.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and distributed launch.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Checkpoint and model storage.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Experiment tracking.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> FinetuneConfig:
+        if self.model.unfreeze_vision_layers and not self.model.freeze_vision:
+            raise ValueError(
+                "model.unfreeze_vision_layers only applies with model.freeze_vision=true "
+                "(with freeze_vision=false every vision layer trains already)"
+            )
+        if self.lora.enabled and self.lora.vision and self.model.unfreeze_vision_layers:
+            raise ValueError("lora.vision=true adapts the vision encoder; set model.unfreeze_vision_layers=0")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _section_fields(path: tuple[str | int, ...]) -> list[str]:
+    """Field names valid at `path` (a tuple of keys into FinetuneConfig), for suggestions."""
+    model: type[BaseModel] = FinetuneConfig
+    for key in path:
+        field = model.model_fields.get(str(key))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _format_error(err: dict[str, Any], source: str) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        valid = _section_fields(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+        prefix = ".".join(str(p) for p in loc[:-1])
+        hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+        return f"{key}: unknown key{'; ' + hint if hint else ''} (valid keys here: {', '.join(valid)})"
+    msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{key}: {msg}{shown}"
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> FinetuneConfig:
+    """Validate a plain dict into a FinetuneConfig; raise ConfigError naming every bad key path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config sections, got {type(data).__name__}")
+    try:
+        return FinetuneConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(e, source) for e in exc.errors()]
+        raise ConfigError(f"invalid configuration in {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into (['a', 'b', 'c'], value) with the value parsed as a YAML scalar/list."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected key.path=value, e.g. train.learning_rate=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each `key.path=value` applied; unknown keys suggest the close match."""
+    out = json.loads(json.dumps(data))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for depth, key in enumerate(keys):
+            valid = _section_fields(tuple(keys[:depth]))
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+                path = ".".join(keys[: depth + 1])
+                hint = f"; did you mean '{'.'.join(keys[:depth] + [close[0]])}'?" if close else ""
+                raise ConfigError(f"override {text!r}: unknown key {path}{hint} (valid keys here: {', '.join(valid)})")
+            if depth == len(keys) - 1:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {text!r}: {'.'.join(keys[: depth + 1])} is not a section")
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
+    """Load a YAML (or JSON) config file, apply `key.path=value` overrides, validate.
+
+    With no path, the defaults are the base. Relative paths inside the file are kept as written
+    (they resolve against the working directory of the run).
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (pass --config with a YAML file, e.g. configs/demo.yaml)")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of config sections at the top level")
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + overrides"
+    return validate_config(data, source)
+
+
+def to_json(cfg: FinetuneConfig) -> str:
+    """The JSON form handed to the training subprocess (`--config run.json`)."""
+    return cfg.model_dump_json(indent=2)
+
+
+def from_json(text: str, source: str = "run.json") -> FinetuneConfig:
+    """Inverse of to_json, with the same error messages as YAML loading."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: not valid JSON: {exc}") from None
+    return validate_config(data, source)
+
+
+def to_yaml(cfg: FinetuneConfig) -> str:
+    """A YAML document of the full config (every field, defaults included)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,146 @@
+"""Load an InternVL checkpoint in transformers format for training.
+
+We build on transformers' own `InternVLForConditionalGeneration` (the `*-hf` checkpoints) rather
+than re-implementing the model. This module adds what a training run needs around
+`from_pretrained`: a model given as a URL is fetched once into a local cache; the folder is checked
+*before* loading so a wrong path or a non-InternVL model fails with a message that says what to fix;
+dtype, attention kernel and gradient checkpointing come from `ModelConfig`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from vlm_core.config import ConfigError, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPLETE_MARKER = ".download-complete"
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def fetch_to_cache(url: str, cache_dir: str | Path) -> Path:
+    """Download a model folder from any fsspec URL into `cache_dir`, once.
+
+    The copy goes to a temporary folder that is renamed when complete, so an interrupted download is
+    never mistaken for a model. Credentials come from the environment (e.g. AWS_* for S3).
+    """
+    import fsspec
+
+    cache = Path(cache_dir).expanduser()
+    target = cache / hashlib.sha256(url.encode()).hexdigest()[:16]
+    if (target / COMPLETE_MARKER).exists():
+        return target
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.isdir(root):
+        raise ConfigError(f"model.path={url}: no folder at that URL (expected an InternVL checkpoint folder)")
+    tmp = target.with_name(target.name + f".partial-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
+    (tmp / COMPLETE_MARKER).write_text(url + "\n")
+    if target.exists():  # another process finished first; keep theirs
+        return target
+    tmp.rename(target)
+    return target
+
+
+def resolve_model_path(cfg: ModelConfig) -> Path:
+    """The local folder holding the model: fetched if `model.path` is a URL, built if tiny and missing."""
+    path = cfg.path.removeprefix("file://")
+    if _is_url(path):
+        return fetch_to_cache(path, cfg.cache_dir)
+    folder = Path(path).expanduser()
+    if not folder.exists() and cfg.build_tiny_if_missing:
+        from vlm_core.model.tiny import build_tiny_model
+
+        build_tiny_model(folder)
+    return folder
+
+
+def check_model_folder(folder: Path, trust_remote_code: bool = False) -> dict:
+    """Return the folder's config.json as a dict, or raise a ConfigError saying what is wrong."""
+    if not folder.is_dir():
+        raise ConfigError(
+            f"model.path={folder}: folder does not exist. Point model.path at a local InternVL checkpoint "
+            "(e.g. a download of OpenGVLab/InternVL3-1B-hf) or set model.build_tiny_if_missing=true for the "
+            "tiny test model."
+        )
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"model.path={folder}: no config.json there; this is not a transformers model folder")
+    config = json.loads(cfg_file.read_text())
+    model_type = config.get("model_type")
+    if model_type == "internvl_chat":
+        raise ConfigError(
+            f"model.path={folder}: this is the original InternVL format (model_type 'internvl_chat'). Use the "
+            "transformers-format checkpoint instead (the '-hf' repositories, e.g. OpenGVLab/InternVL3-1B-hf), "
+            "or convert it with transformers' convert_internvl_weights_to_hf.py."
+        )
+    if model_type != "internvl":
+        raise ConfigError(
+            f"model.path={folder}: config.json has model_type {model_type!r}, not 'internvl'. This pipeline "
+            "fine-tunes InternVL models in transformers format (InternVLForConditionalGeneration)."
+        )
+    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    if not has_weights:
+        raise ConfigError(f"model.path={folder}: config.json is there but no weight files (*.safetensors)")
+    if config.get("auto_map") and not trust_remote_code:
+        raise ConfigError(
+            f"model.path={folder}: the checkpoint asks to run its own code (auto_map in config.json); review "
+            "it and set model.trust_remote_code=true to allow it"
+        )
+    return config
+
+
+def pick_attn_implementation(choice: str) -> str:
+    """'auto' → flash_attention_2 when the package is installed and a GPU is present, else sdpa."""
+    has_flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    if choice == "auto":
+        return "flash_attention_2" if has_flash else "sdpa"
+    if choice == "flash_attention_2" and not has_flash:
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package and a CUDA GPU; "
+            "use 'auto' or 'sdpa'"
+        )
+    return choice
+
+
+def load_model(cfg: ModelConfig):
+    """Load InternVLForConditionalGeneration as configured (dtype, attention, gradient checkpointing)."""
+    from transformers import InternVLForConditionalGeneration
+
+    folder = resolve_model_path(cfg)
+    check_model_folder(folder, cfg.trust_remote_code)
+    model = InternVLForConditionalGeneration.from_pretrained(
+        folder,
+        dtype=DTYPES[cfg.dtype],
+        attn_implementation=pick_attn_implementation(cfg.attn_implementation),
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The checkpoint's tokenizer (with the InternVL image tokens as attributes)."""
+    from transformers import AutoTokenizer
+
+    folder = resolve_model_path(cfg)
+    check_model_folder(folder, cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    if getattr(tokenizer, "context_image_token", None) is None:
+        raise ConfigError(
+            f"model.path={folder}: the tokenizer has no context_image_token (<IMG_CONTEXT>); "
+            "an InternVL-hf tokenizer_config.json declares it"
+        )
+    return tokenizer
