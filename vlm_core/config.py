@@ -133,7 +133,7 @@ class LoraConfig(_Section):
     enabled: bool = Field(False, description="Train LoRA adapters instead of full weights.")
     llm: bool = Field(True, description="Put LoRA adapters on the language model.")
     vision: bool = Field(False, description="Put LoRA adapters on the vision encoder.")
-    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank (size of the low-rank update).")
     alpha: int | None = Field(None, ge=1, description="LoRA alpha; null means 2 * r (InternVL's choice).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
     llm_target_modules: list[str] = Field(
@@ -276,6 +276,8 @@ def _format_error(err: dict[str, Any], source: str) -> str:
         hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
         return f"{key}: unknown key{'; ' + hint if hint else ''} (valid keys here: {', '.join(valid)})"
     msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    if err["type"] == "literal_error":
+        msg = msg.replace("must be", "must be one of", 1)
     got = err.get("input")
     shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
     return f"{key}: {msg}{shown}"

@@ -114,17 +114,27 @@ def tiny_config(tokenizer):
 def _save_processor_configs(folder: Path, max_tiles: int) -> None:
     """Write the image-processor and processor configs a real InternVL-hf checkpoint ships.
 
-    Saved as plain JSON through transformers' image processor so that AutoProcessor works wherever
-    torchvision is installed; our own training path never needs the processor object.
+    Plain JSON in transformers' format, so AutoProcessor works wherever torchvision is installed;
+    our own training path reads only the tile size and normalisation from them.
     """
-    from transformers import GotOcr2ImageProcessor
-
-    GotOcr2ImageProcessor(
-        size={"height": TILE_SIZE, "width": TILE_SIZE}, crop_to_patches=True, min_patches=1,
-        max_patches=max_tiles, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-    ).save_pretrained(folder)
-    proc = {"processor_class": "InternVLProcessor", "image_seq_length": TOKENS_PER_TILE}
-    (folder / "processor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
+    image_processor = {
+        "image_processor_type": "GotOcr2ImageProcessor",
+        "crop_to_patches": True,
+        "min_patches": 1,
+        "max_patches": max_tiles,
+        "size": {"height": TILE_SIZE, "width": TILE_SIZE},
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+    }
+    processor = {"processor_class": "InternVLProcessor", "image_seq_length": TOKENS_PER_TILE}
+    for name, content in (("preprocessor_config.json", image_processor), ("processor_config.json", processor)):
+        (folder / name).write_text(json.dumps(content, indent=2) + "\n")
 
 
 def build_tiny_model(folder: str | Path, seed: int = 0, max_tiles: int = 6) -> Path:

@@ -1,0 +1,127 @@
+"""Shared fixtures: the tiny model built once per session, real image batches, a real S3 server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from vlm_core.model.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-internvl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def image_tile(color: tuple[int, int, int], size: int, seed: int) -> torch.Tensor:
+    """A real RGB image (a colour with noise) resized to one tile and ImageNet-normalised: (3, size, size)."""
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(color, dtype=np.int16) + rng.integers(-20, 20, size=(size * 2, size * 3, 3)), 0, 255)
+    img = Image.fromarray(arr.astype(np.uint8), "RGB").resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+
+def make_batch(tokenizer, tile_size: int, tokens_per_tile: int, n_samples: int = 2, seed: int = 0) -> dict:
+    """A right-padded batch of one-image conversations, labels on the assistant reply + <|im_end|> only."""
+    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
+    names = list(colors)
+    ids, labels, tiles = [], [], []
+    for i in range(n_samples):
+        name = names[(i + seed) % len(names)]
+        n_tiles = 1 + (i % 2)
+        image = "<img>" + "<IMG_CONTEXT>" * (tokens_per_tile * n_tiles) + "</img>"
+        prompt = f"<|im_start|>user\n{image}\nWhat color is the image?<|im_end|>\n<|im_start|>assistant\n"
+        reply = f"It is {name}.<|im_end|>"
+        p_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        r_ids = tokenizer.encode(reply, add_special_tokens=False)
+        nl = tokenizer.encode("\n", add_special_tokens=False)
+        ids.append(p_ids + r_ids + nl)
+        labels.append([-100] * len(p_ids) + r_ids + [-100] * len(nl))
+        tiles += [image_tile(colors[name], tile_size, seed * 100 + i * 10 + t) for t in range(n_tiles)]
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+        "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+        "labels": torch.tensor([x + [-100] * (width - len(x)) for x in labels]),
+        "pixel_values": torch.stack(tiles),
+    }
+
+
+@pytest.fixture(scope="session")
+def batch(tokenizer):
+    from vlm_core.model.tiny import TILE_SIZE, TOKENS_PER_TILE
+
+    return make_batch(tokenizer, TILE_SIZE, TOKENS_PER_TILE, n_samples=3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible HTTP server (moto_server) on 127.0.0.1; sets AWS_* for s3fs/boto3."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"moto_server did not start on {endpoint}") from None
+            time.sleep(0.2)
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
