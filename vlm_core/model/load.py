@@ -126,7 +126,7 @@ def load_model(cfg: ModelConfig):
         trust_remote_code=cfg.trust_remote_code,
     )
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 
