@@ -88,3 +88,18 @@ def test_model_from_s3_url_is_fetched_once(s3_server, tiny_model_dir, tmp_path):
     assert not list((tmp_path / "cache").glob("*.partial-*"))
     with pytest.raises(ConfigError, match="no folder at that URL"):
         load_model(_cfg("s3://models/absent", cache_dir=str(tmp_path / "cache")))
+
+
+def test_demo_config_builds_its_tiny_model_on_a_fresh_clone(tmp_path, monkeypatch, batch):
+    from pathlib import Path
+
+    from vlm_core.config import load_config
+    from vlm_core.model import build_for_training
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    monkeypatch.chdir(tmp_path)  # relative paths in the demo config resolve against the run's folder
+    cfg = load_config(demo)
+    assert not Path(cfg.model.path).exists()
+    model = build_for_training(cfg)
+    assert (tmp_path / cfg.model.path / "config.json").is_file()
+    assert torch.isfinite(model(**batch).loss)
