@@ -1,0 +1,1 @@
+"""Data: annotation readers, validation, WebDataset shards, tiling, templates, collator, loaders."""
