@@ -65,6 +65,10 @@ class DataConfig(_Section):
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Fraction of samples held out (deterministically) for evaluation."
     )
+    eval_count: int | None = Field(
+        None, ge=0, description="Number of samples held out for evaluation; overrides data.eval_fraction when set."
+    )
+    prepare_workers: int = Field(2, ge=1, description="Parallel workers writing shards (one group of samples each).")
     samples_per_shard: int = Field(1000, ge=1, description="Maximum samples in one WebDataset tar shard.")
     max_shard_bytes: int = Field(
         512 * 1024 * 1024, ge=1024, description="Maximum size of one shard in bytes before a new one starts."

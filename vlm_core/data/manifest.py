@@ -36,10 +36,11 @@ class SplitInfo(BaseModel):
 class DatasetCounts(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    read: int = Field(0, ge=0, description="Input samples read (after repeat_time).")
-    train: int = Field(0, ge=0, description="Samples written to the train split.")
-    eval: int = Field(0, ge=0, description="Samples written to the eval split.")
-    rejected: int = Field(0, ge=0, description="Samples rejected (listed in rejected.jsonl).")
+    lines: int = Field(0, ge=0, description="Records in the annotation file (blank lines not counted).")
+    selected: int = Field(0, ge=0, description="Records used after repeat_time < 1 keeps the first part.")
+    train: int = Field(0, ge=0, description="Samples written to the train split (repeat_time copies counted).")
+    eval: int = Field(0, ge=0, description="Samples written to the eval split (never repeated).")
+    rejected: int = Field(0, ge=0, description="Records rejected (each listed once in rejected.jsonl).")
 
 
 class Manifest(BaseModel):

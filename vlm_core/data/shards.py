@@ -1,0 +1,424 @@
+"""Annotations + images → validated WebDataset shards, `rejected.jsonl` and `manifest.json`.
+
+Three steps, so that an orchestrator can fan the middle one out (Prefect's thread pool, Dask):
+
+1. `plan_shards` reads every annotation (cheap: no image is opened), checks each record's
+   structure, rejects duplicate ids, picks the held-out split, fingerprints inputs + settings, and
+   cuts the samples into groups of `data.samples_per_shard`. If `manifest.json` already holds that
+   fingerprint and its shards are all there, the plan says `up_to_date` and nothing else runs.
+2. `write_group` (independent per group) reads and checks the images of one group and writes its
+   shard(s), each to a temporary name renamed (or uploaded) only when complete.
+3. `finalize` writes `rejected.jsonl`, enforces `data.max_reject_fraction`, and writes the manifest
+   last: a folder without a manifest is incomplete by definition.
+
+Groups come from the input order and the settings, never from the number of workers, so the same
+inputs and settings give byte-identical shards however the work is spread. Training samples are
+ordered by a hash of their key, which mixes data sets across shards deterministically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import fsspec
+import webdataset as wds
+from fsspec.implementations.local import LocalFileSystem
+
+from vlm_core.config import DataConfig
+from vlm_core.data.images import ImageReject, ShardImage, check_image, join_under_root, read_image_bytes
+from vlm_core.data.manifest import MANIFEST_NAME, DatasetCounts, Manifest, ShardInfo, SplitInfo, read_manifest
+from vlm_core.data.readers import DatasetSpec, read_bytes, read_meta, read_records, repeat_selection
+from vlm_core.data.sample import SCHEMA_VERSION, ImageRef, ShardSample, Source, Turn, sample_key
+from vlm_core.data.validate import RecordReject, check_record
+
+PREPARE_VERSION = 1  # bump when the shard bytes for the same inputs would change
+REJECTED_NAME = "rejected.jsonl"
+SHAPING_SETTINGS = (
+    "eval_fraction", "eval_count", "samples_per_shard", "max_shard_bytes", "max_image_pixels",
+    "max_seq_length", "max_dynamic_patch", "min_dynamic_patch", "use_thumbnail",
+)
+
+# A length check: (unit, its images) -> None when the sample fits, else the reject detail.
+LengthCheck = Callable[["Unit", list[ShardImage]], str | None]
+
+
+class PrepareError(RuntimeError):
+    """The prepare step as a whole failed (e.g. too many rejected samples)."""
+
+
+@dataclass
+class Unit:
+    """One future shard sample: a valid record (or one repeat of it) of one data set."""
+
+    dataset: int
+    line: int
+    repeat: int
+    key: str
+    id: str
+    conversations: list[dict]
+    images: list[str]
+
+
+@dataclass
+class Group:
+    split: str
+    index: int
+    units: list[Unit]
+
+
+@dataclass
+class Plan:
+    out: str
+    fingerprint: str
+    settings: dict
+    datasets: list[DatasetSpec]
+    groups: list[Group] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+    counts: dict[str, DatasetCounts] = field(default_factory=dict)
+    manifest: Manifest | None = None
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.manifest is not None
+
+    @property
+    def total_units(self) -> int:
+        return sum(len(g.units) for g in self.groups)
+
+
+@dataclass
+class GroupResult:
+    split: str
+    index: int
+    shards: list[ShardInfo]
+    rejects: list[dict]
+    written: dict[int, int]  # data set index -> samples written
+
+
+def _reject(spec: DatasetSpec, line: int, rid: str | None, reason: str, detail: str, repeat: int = 0) -> dict:
+    return {"dataset": spec.name, "file": spec.annotation, "line": line, "repeat": repeat, "id": rid,
+            "reason": reason, "detail": detail}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _image_stamps(spec: DatasetSpec, paths: set[str]) -> dict[str, str]:
+    """A cheap content stamp per referenced image: size + ETag/mtime from one listing of the root."""
+    fs, root = fsspec.core.url_to_fs(spec.root)
+    try:
+        listing = fs.find(root, detail=True) if fs.isdir(root) else {}
+    except FileNotFoundError:
+        listing = {}
+    stamps = {}
+    for rel in sorted(paths):
+        try:
+            full = fsspec.core.url_to_fs(join_under_root(spec.root, rel))[1]
+        except ImageReject:
+            stamps[rel] = "escape"
+            continue
+        info = listing.get(full) or listing.get(full.lstrip("/"))
+        stamps[rel] = f"{info.get('size')}:{info.get('ETag') or info.get('mtime')}" if info else "missing"
+    return stamps
+
+
+def _eval_ids(valid: list[tuple[DatasetSpec, str]], data: DataConfig) -> set[tuple[str, str]]:
+    """The held-out (data set, id) pairs: the N smallest hashes, N from eval_count or eval_fraction."""
+    n = data.eval_count if data.eval_count is not None else round(data.eval_fraction * len(valid))
+    if data.eval_count is None and data.eval_fraction > 0 and len(valid) > 1:
+        n = max(n, 1)
+    n = min(n, max(len(valid) - 1, 0))  # always keep something to train on
+    ranked = sorted(valid, key=lambda v: _sha(f"eval\0{v[0].name}\0{v[1]}"))
+    return {(spec.name, rid) for spec, rid in ranked[:n]}
+
+
+def plan_shards(data: DataConfig, extra_fingerprint: str = "") -> Plan:
+    """Read and check all annotations, split train/eval, fingerprint, group. Opens no image."""
+    specs = read_meta(data.meta, data.image_root)
+    keys = Counter(sample_key(s.name, 0) for s in specs)
+    if any(c > 1 for c in keys.values()):
+        raise PrepareError(f"data.meta={data.meta}: data set names collide once reduced to [A-Za-z0-9_-]")
+    settings = {k: getattr(data, k) for k in SHAPING_SETTINGS}
+    rejects: list[dict] = []
+    counts = {s.name: DatasetCounts() for s in specs}
+    checked: list[tuple[int, int, str, object]] = []  # (dataset, line, id, CheckedRecord)
+    fp_parts: list[dict] = []
+    for di, spec in enumerate(specs):
+        raw = read_bytes(spec.annotation)
+        records = read_records(spec, raw)
+        used, _ = repeat_selection(len(records), spec.repeat_time)
+        counts[spec.name].lines = len(records)
+        counts[spec.name].selected = used
+        seen: dict[str, int] = {}
+        image_paths: set[str] = set()
+        for rec in records[:used]:
+            if rec.reason:
+                rejects.append(_reject(spec, rec.line, None, rec.reason, rec.detail or ""))
+                continue
+            rid = rec.record.get("id") if isinstance(rec.record, dict) else None
+            try:
+                ok = check_record(rec.record)
+            except RecordReject as exc:
+                rejects.append(_reject(spec, rec.line, None if rid is None else str(rid), exc.reason, exc.detail))
+                continue
+            sid = ok.id if ok.id is not None else f"{spec.name}:{rec.line}"
+            if sid in seen:
+                rejects.append(_reject(spec, rec.line, sid, "duplicate_id", f"id {sid!r} is already used on line {seen[sid]}"))
+                continue
+            seen[sid] = rec.line
+            image_paths.update(ok.images)
+            checked.append((di, rec.line, sid, ok))
+        fp_parts.append({
+            "name": spec.name, "root": spec.root, "annotation": spec.annotation, "repeat_time": spec.repeat_time,
+            "max_dynamic_patch": spec.max_dynamic_patch, "annotation_sha256": hashlib.sha256(raw).hexdigest(),
+            "images": _image_stamps(spec, image_paths),
+        })
+    fingerprint = _sha(json.dumps(
+        {"version": PREPARE_VERSION, "schema": SCHEMA_VERSION, "settings": settings, "inputs": fp_parts,
+         "extra": extra_fingerprint}, sort_keys=True))
+    plan = Plan(data.shards, fingerprint, settings, specs, rejects=rejects, counts=counts)
+    existing = read_manifest(data.shards)
+    if existing is not None and existing.fingerprint == fingerprint and _shards_present(data.shards, existing):
+        plan.manifest = existing
+        return plan
+
+    held_out = _eval_ids([(specs[di], sid) for di, _, sid, _ in checked], data)
+    train: list[Unit] = []
+    evals: list[Unit] = []
+    for di, line, sid, ok in checked:
+        spec = specs[di]
+        if (spec.name, sid) in held_out:
+            evals.append(Unit(di, line, 0, sample_key(spec.name, line), sid, ok.conversations, ok.images))
+            continue
+        copies = repeat_selection(1, spec.repeat_time)[1]
+        train += [Unit(di, line, r, sample_key(spec.name, line, r), sid, ok.conversations, ok.images)
+                  for r in range(copies)]
+    train.sort(key=lambda u: _sha(u.key))
+    per = data.samples_per_shard
+    for split, units in (("train", train), ("eval", evals)):
+        plan.groups += [Group(split, i // per, units[i : i + per]) for i in range(0, len(units), per)]
+    return plan
+
+
+def _shards_present(out: str, manifest: Manifest) -> bool:
+    fs, root = fsspec.core.url_to_fs(out)
+    try:
+        sizes = {os.path.basename(p["name"].rstrip("/")): p["size"] for p in fs.ls(root, detail=True)}
+    except FileNotFoundError:
+        return False
+    shards = manifest.train.shards + manifest.eval.shards
+    return all(sizes.get(s.name) == s.bytes for s in shards)
+
+
+def begin(plan: Plan) -> None:
+    """Before writing: drop the old manifest (its shards are about to change) and stale temp files."""
+    fs, root = fsspec.core.url_to_fs(plan.out)
+    fs.makedirs(root, exist_ok=True)
+    if fs.exists(f"{root}/{MANIFEST_NAME}"):
+        fs.rm(f"{root}/{MANIFEST_NAME}")
+    if isinstance(fs, LocalFileSystem):
+        for name in os.listdir(root):
+            if ".tmp-" in name:
+                os.remove(os.path.join(root, name))
+
+
+def tar_size(sample: dict) -> int:
+    """Bytes a sample takes in a tar: a 512-byte header per member, data padded to 512."""
+    return sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if k != "__key__")
+
+
+class _HashingFile:
+    """A write-only file wrapper that counts bytes and computes sha256 as the tar streams through."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+class _ShardFile:
+    """One shard being written: a temp file that becomes `name` in the output only on `commit`."""
+
+    def __init__(self, out: str, name: str):
+        self.fs, self.root = fsspec.core.url_to_fs(out)
+        self.name = name
+        self.local = isinstance(self.fs, LocalFileSystem)
+        folder = self.root if self.local else tempfile.gettempdir()
+        self.tmp = os.path.join(folder, f"{name}.tmp-{uuid.uuid4().hex[:12]}")
+        self.file = open(self.tmp, "wb")
+        self.hashing = _HashingFile(self.file)
+        self.tar = wds.TarWriter(self.hashing, encoder=False, mtime=0.0, user="vlm", group="vlm", mode=0o444)
+        self.samples = 0
+        self.bytes = 0  # tar size so far (the stream itself is buffered, so count here)
+
+    def add(self, sample: dict) -> None:
+        self.tar.write(sample)
+        self.samples += 1
+        self.bytes += tar_size(sample)
+
+    def commit(self) -> ShardInfo:
+        self.tar.close()
+        self.file.close()
+        info = ShardInfo(name=self.name, samples=self.samples, bytes=self.hashing.size,
+                         sha256=self.hashing.sha.hexdigest())
+        final = f"{self.root}/{self.name}"
+        if self.local:
+            os.replace(self.tmp, final)
+        else:  # an object store PUT is atomic: the object appears only when complete
+            try:
+                self.fs.put_file(self.tmp, final)
+            finally:
+                os.remove(self.tmp)
+        return info
+
+    def abort(self) -> None:
+        self.file.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def _encode(unit: Unit, spec: DatasetSpec, images: list[ShardImage]) -> dict:
+    refs = [ImageRef(member=f"img{i}.{im.ext}", path=p, width=im.width, height=im.height)
+            for i, (p, im) in enumerate(zip(unit.images, images, strict=True))]
+    record = ShardSample(
+        id=unit.id,
+        conversations=[Turn.model_validate(t) for t in unit.conversations],
+        images=refs,
+        source=Source(dataset=spec.name, file=spec.annotation, line=unit.line),
+        max_dynamic_patch=spec.max_dynamic_patch,
+    )
+    text = json.dumps(record.model_dump(mode="json", by_alias=True), sort_keys=True, ensure_ascii=False,
+                      separators=(",", ":"))
+    sample = {"__key__": unit.key, "json": text.encode("utf-8")}
+    sample.update({ref.member: im.data for ref, im in zip(refs, images, strict=True)})
+    return sample
+
+
+def write_group(plan: Plan, group: Group, data: DataConfig, length_check: LengthCheck | None = None) -> GroupResult:
+    """Check the images of one group and write its shard(s)."""
+    result = GroupResult(group.split, group.index, [], [], Counter())
+    part = 0
+    shard: _ShardFile | None = None
+    try:
+        for unit in group.units:
+            spec = plan.datasets[unit.dataset]
+            try:
+                images = [check_image(read_image_bytes(spec.root, p), join_under_root(spec.root, p), data.max_image_pixels)
+                          for p in unit.images]
+            except ImageReject as exc:
+                result.rejects.append(_reject(spec, unit.line, unit.id, exc.reason, exc.detail, unit.repeat))
+                continue
+            too_long = length_check(unit, images) if length_check else None
+            if too_long:
+                result.rejects.append(_reject(spec, unit.line, unit.id, "too_long", too_long, unit.repeat))
+                continue
+            sample = _encode(unit, spec, images)
+            size = tar_size(sample)
+            if shard and (shard.samples >= data.samples_per_shard or shard.bytes + size > data.max_shard_bytes):
+                result.shards.append(shard.commit())
+                shard, part = None, part + 1
+            if shard is None:
+                shard = _ShardFile(plan.out, f"{group.split}-{group.index:06d}-{part:03d}.tar")
+            shard.add(sample)
+            result.written[unit.dataset] += 1
+        if shard:
+            result.shards.append(shard.commit())
+            shard = None
+    finally:
+        if shard:
+            shard.abort()
+    return result
+
+
+def finalize(plan: Plan, results: list[GroupResult], data: DataConfig) -> Manifest:
+    """Write rejected.jsonl, check the reject fraction, then write manifest.json last."""
+    rejects = list(plan.rejects)
+    seen_lines = {(r["dataset"], r["line"]) for r in rejects}
+    counts = {k: v.model_copy() for k, v in plan.counts.items()}
+    splits = {"train": SplitInfo(), "eval": SplitInfo()}
+    for res in sorted(results, key=lambda r: (r.split != "train", r.index)):
+        for r in res.rejects:  # a repeated line is rejected once
+            if (r["dataset"], r["line"]) not in seen_lines:
+                seen_lines.add((r["dataset"], r["line"]))
+                rejects.append(r)
+        for di, n in res.written.items():
+            c = counts[plan.datasets[di].name]
+            setattr(c, res.split, getattr(c, res.split) + n)
+        split = splits[res.split]
+        split.shards += res.shards
+    for split in splits.values():
+        split.samples = sum(s.samples for s in split.shards)
+        split.bytes = sum(s.bytes for s in split.shards)
+    order = {s.name: i for i, s in enumerate(plan.datasets)}
+    rejects.sort(key=lambda r: (order[r["dataset"]], r["line"], r["repeat"]))
+    by_reason = dict(sorted(Counter(r["reason"] for r in rejects).items()))
+    for r in rejects:
+        counts[r["dataset"]].rejected += 1
+
+    fs, root = fsspec.core.url_to_fs(plan.out)
+    with fs.open(f"{root}/{REJECTED_NAME}", "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejects)
+    selected = sum(c.selected for c in counts.values())
+    if selected and len(rejects) / selected > data.max_reject_fraction:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(by_reason.items(), key=lambda kv: -kv[1]))
+        raise PrepareError(
+            f"{len(rejects)} of {selected} samples rejected ({len(rejects) / selected:.1%}), more than "
+            f"data.max_reject_fraction={data.max_reject_fraction:.1%}: {reasons}. Every rejected sample with its "
+            f"file, line and reason is in {plan.out.rstrip('/')}/{REJECTED_NAME}; fix the inputs or raise the limit."
+        )
+    manifest = Manifest(fingerprint=plan.fingerprint, train=splits["train"], eval=splits["eval"], datasets=counts,
+                        rejected_by_reason=by_reason, settings=plan.settings)
+    text = manifest.model_dump_json(indent=2)
+    if isinstance(fs, LocalFileSystem):  # write-then-rename: a manifest on disk is always whole
+        tmp = f"{root}/{MANIFEST_NAME}.tmp-{uuid.uuid4().hex[:12]}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, f"{root}/{MANIFEST_NAME}")
+    else:
+        fs.pipe_file(f"{root}/{MANIFEST_NAME}", text.encode())
+    _remove_stale_shards(fs, root, manifest)
+    return manifest
+
+
+def _remove_stale_shards(fs, root: str, manifest: Manifest) -> None:
+    keep = {s.name for s in manifest.train.shards + manifest.eval.shards}
+    for path in fs.ls(root, detail=False):
+        name = os.path.basename(path.rstrip("/"))
+        if name.endswith(".tar") and name.startswith(("train-", "eval-")) and name not in keep:
+            fs.rm(path)
+
+
+def prepare_shards(
+    data: DataConfig,
+    workers: int = 1,
+    length_check: LengthCheck | None = None,
+    extra_fingerprint: str = "",
+    on_group_done: Callable[[GroupResult], None] | None = None,
+) -> Manifest:
+    """The whole prepare step in this process (threads), without an orchestrator."""
+    plan = plan_shards(data, extra_fingerprint)
+    if plan.up_to_date:
+        return plan.manifest
+    begin(plan)
+    results = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for res in pool.map(lambda g: write_group(plan, g, data, length_check), plan.groups):
+            results.append(res)
+            if on_group_done:
+                on_group_done(res)
+    return finalize(plan, results, data)

@@ -1,0 +1,110 @@
+"""Check one annotation record's structure before any image is read.
+
+These are the mistakes that upstream InternVL either crashes on deep inside training or silently
+trains around (issues #429, #893): wrong roles, empty replies, `<image>` placeholders that do not
+match the images. Each raises `RecordReject` with a stable reason and a detail naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlm_core.data.sample import IMAGE_PLACEHOLDER
+
+REASONS = (
+    "bad_record",
+    "video_not_supported",
+    "empty_conversation",
+    "first_turn_not_user",
+    "roles_not_alternating",
+    "last_turn_not_assistant",
+    "empty_assistant_reply",
+    "image_count_mismatch",
+)
+
+
+class RecordReject(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class CheckedRecord:
+    """A structurally valid record: id, turns (placeholder added when InternVL would), image paths."""
+
+    id: str | None
+    conversations: list[dict]
+    images: list[str]
+
+
+def _images(record: dict) -> list[str]:
+    image = record.get("image")
+    if image is None:
+        return []
+    if isinstance(image, str):
+        return [image]
+    if isinstance(image, list) and all(isinstance(p, str) for p in image):
+        return list(image)
+    raise RecordReject("bad_record", f"field 'image' must be a path or a list of paths, got {type(image).__name__}")
+
+
+def _turns(record: dict) -> list[dict]:
+    conv = record.get("conversations")
+    if conv is None or conv == []:
+        raise RecordReject("empty_conversation", "field 'conversations' is missing or empty")
+    if not isinstance(conv, list):
+        raise RecordReject("bad_record", f"field 'conversations' must be a list, got {type(conv).__name__}")
+    turns = []
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise RecordReject("bad_record", f"conversations[{i}] must be an object with a string 'value'")
+        if turn.get("from") not in ("system", "human", "gpt"):
+            raise RecordReject(
+                "bad_record", f"conversations[{i}].from is {turn.get('from')!r}; expected system, human or gpt"
+            )
+        turns.append({"from": turn["from"], "value": turn["value"]})
+    return turns
+
+
+def _check_roles(turns: list[dict]) -> None:
+    body = turns[1:] if turns[0]["from"] == "system" else turns
+    if not body:
+        raise RecordReject("empty_conversation", "only a system turn")
+    if body[0]["from"] != "human":
+        raise RecordReject("first_turn_not_user", f"the first turn after the system prompt is {body[0]['from']!r}")
+    offset = len(turns) - len(body)
+    for i, turn in enumerate(body):
+        expected = "human" if i % 2 == 0 else "gpt"
+        if turn["from"] != expected:
+            raise RecordReject(
+                "roles_not_alternating", f"conversations[{i + offset}].from is {turn['from']!r}, expected {expected!r}"
+            )
+    if body[-1]["from"] != "gpt":
+        raise RecordReject("last_turn_not_assistant", "the conversation ends with a user turn that has no reply")
+    for i, turn in enumerate(turns):
+        if turn["from"] == "gpt" and not turn["value"].strip():
+            raise RecordReject("empty_assistant_reply", f"conversations[{i}].value is empty")
+
+
+def check_record(record: object) -> CheckedRecord:
+    """Validate one record; raise RecordReject with the reason and the offending field."""
+    if not isinstance(record, dict):
+        raise RecordReject("bad_record", f"expected a JSON object, got {type(record).__name__}")
+    if "video" in record:
+        raise RecordReject("video_not_supported", "video samples are not supported yet; convert frames to images")
+    images = _images(record)
+    turns = _turns(record)
+    _check_roles(turns)
+    placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
+    if len(images) == 1 and placeholders == 0:
+        first_user = next(t for t in turns if t["from"] == "human")
+        first_user["value"] = IMAGE_PLACEHOLDER + "\n" + first_user["value"]  # what InternVL does
+        placeholders = 1
+    if placeholders != len(images):
+        raise RecordReject(
+            "image_count_mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} image(s)"
+        )
+    raw_id = record.get("id")
+    return CheckedRecord(None if raw_id is None else str(raw_id), turns, images)
