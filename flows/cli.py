@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from vlm_core.config import ConfigError, FinetuneConfig, load_config, to_json, to_yaml
+from vlm_core.data.shards import PrepareError
 
 
 def _config_args() -> argparse.ArgumentParser:
@@ -26,6 +27,24 @@ def _config_args() -> argparse.ArgumentParser:
 
 def _cmd_config(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
     print(to_json(cfg) if args.format == "json" else to_yaml(cfg), end="")
+    return 0
+
+
+def _cmd_prepare(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
+    from flows.prepare_data import prepare_data
+
+    flow = prepare_data
+    if args.task_runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            print("vlmft: --task-runner dask needs the prefect-dask package (pip install prefect-dask)", file=sys.stderr)
+            return 2
+        flow = prepare_data.with_options(task_runner=DaskTaskRunner())
+    out = flow(cfg)
+    state = "up to date" if out["up_to_date"] else "written"
+    print(f"shards {state}: {out['train_samples']} train / {out['eval_samples']} eval samples in {out['shards']} "
+          f"({out['rejected']} rejected, see rejected.jsonl there)")
     return 0
 
 
@@ -43,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = _config_args()
     p = sub.add_parser("config", parents=[common], help="validate a config and print it in full")
     p.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    p = sub.add_parser("prepare", parents=[common], help="validate data and write WebDataset shards + manifest")
+    p.add_argument("--task-runner", choices=["threads", "dask"], default="threads",
+                   help="where shard groups run: the default thread pool, or a local Dask cluster")
     p = sub.add_parser("tiny-model", help="write the tiny random InternVL used by tests and the demo")
     p.add_argument("folder", type=Path)
     p.add_argument("--seed", type=int, default=0)
@@ -55,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tiny-model":
             return _cmd_tiny_model(args)
         cfg = load_config(args.config, args.overrides)
-        return {"config": _cmd_config}[args.command](cfg, args)
-    except ConfigError as exc:
+        return {"config": _cmd_config, "prepare": _cmd_prepare}[args.command](cfg, args)
+    except (ConfigError, PrepareError) as exc:
         print(f"vlmft: {exc}", file=sys.stderr)
         return 2
 

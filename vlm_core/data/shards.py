@@ -76,7 +76,6 @@ class Group:
 
 @dataclass
 class Plan:
-    out: str
     fingerprint: str
     settings: dict
     datasets: list[DatasetSpec]
@@ -185,9 +184,10 @@ def plan_shards(data: DataConfig, extra_fingerprint: str = "") -> Plan:
     fingerprint = _sha(json.dumps(
         {"version": PREPARE_VERSION, "schema": SCHEMA_VERSION, "settings": settings, "inputs": fp_parts,
          "extra": extra_fingerprint}, sort_keys=True))
-    plan = Plan(data.shards, fingerprint, settings, specs, rejects=rejects, counts=counts)
+    plan = Plan(fingerprint, settings, specs, rejects=rejects, counts=counts)
     existing = read_manifest(data.shards)
     if existing is not None and existing.fingerprint == fingerprint and _shards_present(data.shards, existing):
+        check_reject_fraction(existing.datasets, existing.rejected_by_reason, data)  # the limit may be new
         plan.manifest = existing
         return plan
 
@@ -219,9 +219,9 @@ def _shards_present(out: str, manifest: Manifest) -> bool:
     return all(sizes.get(s.name) == s.bytes for s in shards)
 
 
-def begin(plan: Plan) -> None:
+def begin(data: DataConfig) -> None:
     """Before writing: drop the old manifest (its shards are about to change) and stale temp files."""
-    fs, root = fsspec.core.url_to_fs(plan.out)
+    fs, root = fsspec.core.url_to_fs(data.shards)
     fs.makedirs(root, exist_ok=True)
     if fs.exists(f"{root}/{MANIFEST_NAME}"):
         fs.rm(f"{root}/{MANIFEST_NAME}")
@@ -309,14 +309,16 @@ def _encode(unit: Unit, spec: DatasetSpec, images: list[ShardImage]) -> dict:
     return sample
 
 
-def write_group(plan: Plan, group: Group, data: DataConfig, length_check: LengthCheck | None = None) -> GroupResult:
-    """Check the images of one group and write its shard(s)."""
+def write_group(
+    group: Group, datasets: list[DatasetSpec], data: DataConfig, length_check: LengthCheck | None = None
+) -> GroupResult:
+    """Check the images of one group and write its shard(s) to data.shards."""
     result = GroupResult(group.split, group.index, [], [], Counter())
     part = 0
     shard: _ShardFile | None = None
     try:
         for unit in group.units:
-            spec = plan.datasets[unit.dataset]
+            spec = datasets[unit.dataset]
             try:
                 images = [check_image(read_image_bytes(spec.root, p), join_under_root(spec.root, p), data.max_image_pixels)
                           for p in unit.images]
@@ -333,7 +335,7 @@ def write_group(plan: Plan, group: Group, data: DataConfig, length_check: Length
                 result.shards.append(shard.commit())
                 shard, part = None, part + 1
             if shard is None:
-                shard = _ShardFile(plan.out, f"{group.split}-{group.index:06d}-{part:03d}.tar")
+                shard = _ShardFile(data.shards, f"{group.split}-{group.index:06d}-{part:03d}.tar")
             shard.add(sample)
             result.written[unit.dataset] += 1
         if shard:
@@ -370,17 +372,10 @@ def finalize(plan: Plan, results: list[GroupResult], data: DataConfig) -> Manife
     for r in rejects:
         counts[r["dataset"]].rejected += 1
 
-    fs, root = fsspec.core.url_to_fs(plan.out)
+    fs, root = fsspec.core.url_to_fs(data.shards)
     with fs.open(f"{root}/{REJECTED_NAME}", "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejects)
-    selected = sum(c.selected for c in counts.values())
-    if selected and len(rejects) / selected > data.max_reject_fraction:
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(by_reason.items(), key=lambda kv: -kv[1]))
-        raise PrepareError(
-            f"{len(rejects)} of {selected} samples rejected ({len(rejects) / selected:.1%}), more than "
-            f"data.max_reject_fraction={data.max_reject_fraction:.1%}: {reasons}. Every rejected sample with its "
-            f"file, line and reason is in {plan.out.rstrip('/')}/{REJECTED_NAME}; fix the inputs or raise the limit."
-        )
+    check_reject_fraction(counts, by_reason, data)
     manifest = Manifest(fingerprint=plan.fingerprint, train=splits["train"], eval=splits["eval"], datasets=counts,
                         rejected_by_reason=by_reason, settings=plan.settings)
     text = manifest.model_dump_json(indent=2)
@@ -393,6 +388,19 @@ def finalize(plan: Plan, results: list[GroupResult], data: DataConfig) -> Manife
         fs.pipe_file(f"{root}/{MANIFEST_NAME}", text.encode())
     _remove_stale_shards(fs, root, manifest)
     return manifest
+
+
+def check_reject_fraction(counts: dict[str, DatasetCounts], by_reason: dict[str, int], data: DataConfig) -> None:
+    """Fail when more than data.max_reject_fraction of the used records were rejected."""
+    selected = sum(c.selected for c in counts.values())
+    rejected = sum(by_reason.values())
+    if selected and rejected / selected > data.max_reject_fraction:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(by_reason.items(), key=lambda kv: -kv[1]))
+        raise PrepareError(
+            f"{rejected} of {selected} samples rejected ({rejected / selected:.1%}), more than "
+            f"data.max_reject_fraction={data.max_reject_fraction:.1%}: {reasons}. Every rejected sample with its "
+            f"file, line and reason is in {data.shards.rstrip('/')}/{REJECTED_NAME}; fix the inputs or raise the limit."
+        )
 
 
 def _remove_stale_shards(fs, root: str, manifest: Manifest) -> None:
@@ -414,10 +422,10 @@ def prepare_shards(
     plan = plan_shards(data, extra_fingerprint)
     if plan.up_to_date:
         return plan.manifest
-    begin(plan)
+    begin(data)
     results = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for res in pool.map(lambda g: write_group(plan, g, data, length_check), plan.groups):
+        for res in pool.map(lambda g: write_group(g, plan.datasets, data, length_check), plan.groups):
             results.append(res)
             if on_group_done:
                 on_group_done(res)

@@ -1,0 +1,85 @@
+"""Flow: annotations + images → validated WebDataset shards + manifest (see vlm_core.data.shards).
+
+    vlmft prepare --config configs/demo.yaml
+    python -m flows.prepare_data --config configs/demo.yaml
+
+Groups of samples fan out over the flow's task runner (the default thread pool; the same flow runs
+unchanged on prefect-dask's DaskTaskRunner via `prepare_data.with_options(task_runner=...)`), at most
+`data.prepare_workers` at a time. A rerun with unchanged inputs ends after planning.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from tqdm import tqdm
+
+from tasks.prepare import begin_task, finalize_task, plan_task, write_group_task
+from vlm_core.config import FinetuneConfig
+from vlm_core.data.manifest import Manifest
+
+
+def summary(cfg: FinetuneConfig, manifest: Manifest, up_to_date: bool) -> dict:
+    """What the flow returns: small and JSON-friendly."""
+    return {
+        "shards": cfg.data.shards,
+        "fingerprint": manifest.fingerprint,
+        "train_samples": manifest.train.samples,
+        "eval_samples": manifest.eval.samples,
+        "train_shards": len(manifest.train.shards),
+        "rejected": sum(manifest.rejected_by_reason.values()),
+        "up_to_date": up_to_date,
+    }
+
+
+def report_artifacts(manifest: Manifest) -> None:
+    create_table_artifact(
+        [{"dataset": name, **c.model_dump()} for name, c in manifest.datasets.items()],
+        key="prepare-datasets",
+        description="Samples per input data set: records, used, written to train / eval, rejected.",
+    )
+    create_table_artifact(
+        [{"reason": r, "samples": n} for r, n in manifest.rejected_by_reason.items()] or [{"reason": "none", "samples": 0}],
+        key="prepare-rejects",
+        description="Rejected samples per reason; each one is listed with file and line in rejected.jsonl.",
+    )
+
+
+@flow(name="prepare-data")
+def prepare_data(cfg: FinetuneConfig) -> dict:
+    """Validate the data named by cfg.data.meta and write shards + manifest to cfg.data.shards."""
+    log = get_run_logger()
+    plan = plan_task(cfg)
+    if plan.up_to_date:
+        log.info("shards in %s are up to date (fingerprint %s): nothing to do", cfg.data.shards, plan.fingerprint[:12])
+        return summary(cfg, plan.manifest, up_to_date=True)
+
+    log.info("writing %d samples in %d groups to %s", plan.total_units, len(plan.groups), cfg.data.shards)
+    begin_task(cfg)
+    progress = create_progress_artifact(0.0, key="prepare-progress", description="Shard groups written")
+    bar = tqdm(total=plan.total_units, unit="sample", desc="shards", disable=not sys.stderr.isatty())
+    results, pending, running = [], list(plan.groups), []
+    while pending or running:  # at most data.prepare_workers groups in flight
+        while pending and len(running) < cfg.data.prepare_workers:
+            running.append(write_group_task.submit(pending.pop(0), plan.datasets, cfg))
+        fut = next(as_completed(running))
+        running.remove(fut)
+        res = fut.result()
+        results.append(res)
+        bar.update(sum(res.written.values()) + len(res.rejects))
+        update_progress_artifact(progress, 100.0 * len(results) / len(plan.groups))
+    bar.close()
+    manifest = finalize_task(plan, results, cfg)
+    report_artifacts(manifest)
+    out = summary(cfg, manifest, up_to_date=False)
+    log.info("wrote %(train_samples)d train / %(eval_samples)d eval samples, %(rejected)d rejected", out)
+    return out
+
+
+if __name__ == "__main__":
+    from flows.cli import main
+
+    sys.exit(main(["prepare", *sys.argv[1:]]))

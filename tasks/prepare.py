@@ -1,0 +1,36 @@
+"""Prefect tasks of the prepare step: thin wrappers over vlm_core.data.shards.
+
+Plans and group results are small (record text, shard names, counts), never images, so they can go
+between tasks on any task runner (threads, Dask).
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from vlm_core.config import FinetuneConfig
+from vlm_core.data.manifest import Manifest
+from vlm_core.data.readers import DatasetSpec
+from vlm_core.data.shards import Group, GroupResult, Plan, begin, finalize, plan_shards, write_group
+
+
+@task(name="plan-shards", cache_policy=NO_CACHE)
+def plan_task(cfg: FinetuneConfig) -> Plan:
+    return plan_shards(cfg.data)
+
+
+@task(name="begin-shards", cache_policy=NO_CACHE)
+def begin_task(cfg: FinetuneConfig) -> None:
+    begin(cfg.data)
+
+
+@task(name="write-shard-group", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      task_run_name="write-{group.split}-{group.index}")
+def write_group_task(group: Group, datasets: list[DatasetSpec], cfg: FinetuneConfig) -> GroupResult:
+    return write_group(group, datasets, cfg.data)
+
+
+@task(name="finalize-shards", cache_policy=NO_CACHE)
+def finalize_task(plan: Plan, results: list[GroupResult], cfg: FinetuneConfig) -> Manifest:
+    return finalize(plan, results, cfg.data)
