@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datagen as D
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-import datagen as D
 from flows.prepare_data import prepare_data
 from vlm_core.config import load_config
 
