@@ -108,14 +108,16 @@ def test_same_inputs_same_bytes_and_rerun_is_a_noop(good_data, tmp_path):
     assert plan_shards(_cfg(good_data, one, max_image_pixels=10**6)).fingerprint != m4.fingerprint
 
 
-def test_every_bad_input_is_rejected_with_its_reason(tmp_path):
+@pytest.mark.parametrize("image_check", ["decode", "verify"])
+def test_every_bad_input_is_rejected_with_its_reason(tmp_path, image_check):
     records, raw, expected = D.bad_dataset(tmp_path / "bad")
     D.write_jsonl(tmp_path / "bad" / "ann.jsonl", records, raw)
     D.write_jsonl(tmp_path / "good" / "ann.jsonl", D.good_records(tmp_path / "good" / "images", 10))
     meta = D.make_meta(tmp_path, {"bad": {"root": "bad/images", "annotation": "bad/ann.jsonl"},
                                   "good": {"root": "good/images", "annotation": "good/ann.jsonl"}})
     out = tmp_path / "shards"
-    cfg = _cfg(meta, out, max_image_pixels=1_000_000, max_reject_fraction=0.9, eval_fraction=0.0)
+    cfg = _cfg(meta, out, max_image_pixels=1_000_000, max_reject_fraction=0.9, eval_fraction=0.0,
+               image_check=image_check)
     manifest = prepare_shards(cfg)
     rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
     by_reason: dict[str, int] = {}

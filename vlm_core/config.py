@@ -76,6 +76,11 @@ class DataConfig(_Section):
     max_image_pixels: int = Field(
         89_478_485, ge=1, description="Images with more pixels are rejected as decompression bombs."
     )
+    image_check: Literal["decode", "verify"] = Field(
+        "decode",
+        description="How images are proven intact: decode (every byte decoded; catches corrupt JPEG bodies) or "
+        "verify (structure only: PNG CRCs and end markers; faster, misses some corrupt JPEG data).",
+    )
     max_reject_fraction: float = Field(
         0.05, ge=0.0, le=1.0, description="The run fails when more than this fraction of samples is rejected."
     )

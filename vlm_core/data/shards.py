@@ -43,7 +43,7 @@ PREPARE_VERSION = 1  # bump when the shard bytes for the same inputs would chang
 REJECTED_NAME = "rejected.jsonl"
 SHAPING_SETTINGS = (
     "eval_fraction", "eval_count", "samples_per_shard", "max_shard_bytes", "max_image_pixels",
-    "max_seq_length", "max_dynamic_patch", "min_dynamic_patch", "use_thumbnail",
+    "max_seq_length", "max_dynamic_patch", "min_dynamic_patch", "use_thumbnail", "image_check",
 )
 
 # A length check: (unit, its images) -> None when the sample fits, else the reject detail.
@@ -320,7 +320,8 @@ def write_group(
         for unit in group.units:
             spec = datasets[unit.dataset]
             try:
-                images = [check_image(read_image_bytes(spec.root, p), join_under_root(spec.root, p), data.max_image_pixels)
+                images = [check_image(read_image_bytes(spec.root, p), join_under_root(spec.root, p), data.max_image_pixels,
+                                      data.image_check)
                           for p in unit.images]
             except ImageReject as exc:
                 result.rejects.append(_reject(spec, unit.line, unit.id, exc.reason, exc.detail, unit.repeat))
