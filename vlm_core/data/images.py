@@ -103,18 +103,19 @@ def _flatten(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _decode_check(data: bytes, where: str, keep: bool, mode: str) -> Image.Image:
-    """Prove the image body is intact; return a loaded image when it must be converted.
+def _prove_intact(img: Image.Image, data: bytes, keep: bool, mode: str) -> Image.Image:
+    """Prove the image body is intact; return the image, loaded when it must be converted.
 
     mode "decode" decodes every byte (a JPEG that is kept decodes in draft mode, which still reads the
     whole entropy-coded stream, so truncation and broken data are caught at a fraction of the cost);
     mode "verify" checks structure only: PNG chunk CRCs and the end markers of JPEG and PNG.
     """
-    img = Image.open(io.BytesIO(data))
     if keep and mode == "verify":
-        if img.format == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-            raise OSError("image file is truncated (no JPEG end-of-image marker)")
-        img.verify()  # PNG: every chunk's CRC and the IEND chunk
+        if img.format == "JPEG":
+            if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+                raise OSError("image file is truncated (no JPEG end-of-image marker)")
+        else:
+            Image.open(io.BytesIO(data)).verify()  # PNG: every chunk's CRC and the IEND chunk
         return img
     if keep and img.format == "JPEG":
         img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
@@ -129,28 +130,28 @@ def check_image(data: bytes, where: str, max_pixels: int, mode: str = "decode") 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            head = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
             raise ImageReject("decompression_bomb", f"{where}: {exc}") from None
         except UnidentifiedImageError:
             raise ImageReject("not_an_image", f"{where} is not an image PIL can read") from None
-        width, height = head.size
+        width, height, fmt, img_mode = img.width, img.height, img.format, img.mode
         if width * height > max_pixels:
             raise ImageReject(
                 "decompression_bomb",
                 f"{where} is {width}x{height} = {width * height} pixels, over data.max_image_pixels={max_pixels}",
             )
         try:
-            orientation = head.getexif().get(EXIF_ORIENTATION, 1)  # may read a PNG to its end
-            keep = head.format in KEEP_FORMATS and head.mode == "RGB" and orientation in (0, 1)
-            img = _decode_check(data, where, keep, mode)
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1)  # may read a PNG to its end
+            keep = fmt in KEEP_FORMATS and img_mode == "RGB" and orientation in (0, 1)
+            img = _prove_intact(img, data, keep, mode)
         except OSError as exc:
             reason = "truncated_image" if "truncated" in str(exc).lower() else "corrupt_image"
             raise ImageReject(reason, f"{where}: {exc}") from None
         except (SyntaxError, ValueError) as exc:
             raise ImageReject("corrupt_image", f"{where}: {exc}") from None
     if keep:
-        return ShardImage(data, KEEP_FORMATS[head.format], width, height, converted=False)
+        return ShardImage(data, KEEP_FORMATS[fmt], width, height, converted=False)
     fixed = _flatten(ImageOps.exif_transpose(img))
     out = io.BytesIO()
     fixed.save(out, format="PNG", optimize=False, compress_level=6)
