@@ -1,0 +1,197 @@
+"""Folder sync to and from object storage (any fsspec URL; S3 through s3fs), safely.
+
+An uploaded folder is complete only when its checksum manifest (`SHA256SUMS.json`: every file's
+size and sha256) has been written, and that file is always written last. A reader that finds no
+manifest knows the upload is partial; a download checks every file against it. Uploads skip files
+whose checksum already matches the manifest in storage, run in parallel, and retry transient
+errors with exponential backoff. Credentials and the S3 endpoint come from the environment
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...), never from the config, and no
+error message here ever includes them: errors name the URL and what to check.
+
+Written by hand on top of fsspec rather than with `fs.put(recursive=True)` because that has no
+completion marker, no checksum skip and no per-file retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+
+CHECKSUMS = "SHA256SUMS.json"
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message names the URL and the likely cause, never a secret."""
+
+
+@dataclass
+class SyncReport:
+    """What a sync did: files and bytes sent (or fetched) and files skipped as unchanged."""
+
+    url: str
+    files_sent: int = 0
+    bytes_sent: int = 0
+    files_skipped: int = 0
+    files: dict[str, dict] = field(default_factory=dict)
+
+
+def sha256_file(path: Path, chunk: int = 4 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def local_checksums(folder: Path) -> dict[str, dict]:
+    """{relative posix path: {size, sha256}} for every file under `folder` (sorted, deterministic)."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel == CHECKSUMS:
+            continue
+        out[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    return out
+
+
+def _fs(url: str):
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/")
+
+
+def _explain(exc: BaseException, url: str, action: str) -> StorageError:
+    """Turn a client error into a message that names the URL and the fix (and no credential)."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text:
+        hint = "the bucket or path does not exist; create the bucket or fix storage.url"
+    elif isinstance(exc, PermissionError) or any(k in text for k in ("AccessDenied", "InvalidAccessKeyId",
+                                                                     "SignatureDoesNotMatch", "Forbidden")):
+        hint = "access denied; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the Prefect Secret block)"
+    elif any(k in text for k in ("Connect", "connect", "Endpoint", "Timeout", "timed out", "Max retries")):
+        hint = "the storage endpoint cannot be reached; check AWS_ENDPOINT_URL and the network"
+    else:
+        hint = "see the cause above"
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if secret and secret in text:  # belt and braces: never echo a secret
+        text = text.replace(secret, "***")
+    return StorageError(f"{action} {url} failed: {hint} ({text[:300]})")
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}"
+    return isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError) or any(
+        k in text for k in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+    )
+
+
+def with_retries(fn: Callable[[], object], url: str, action: str, retries: int = 4, base_delay: float = 0.5):
+    """Run fn, retrying transient errors with exponential backoff and jitter; raise StorageError."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if _is_permanent(exc) or attempt == retries:
+                raise _explain(exc, url, action) from exc
+            time.sleep(base_delay * 2**attempt * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def read_remote_checksums(url: str) -> dict[str, dict] | None:
+    """The checksum manifest of an uploaded folder, or None when the upload is missing or partial."""
+    fs, root = _fs(url)
+    try:
+        data = fs.cat_file(f"{root}/{CHECKSUMS}")
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(exc, url, "reading the checksum manifest of") from exc
+    return json.loads(data)["files"]
+
+
+def is_complete(url: str) -> bool:
+    return read_remote_checksums(url) is not None
+
+
+def upload_folder(local: str | Path, url: str, workers: int = 8, retries: int = 4) -> SyncReport:
+    """Upload `local` to `url`; unchanged files are skipped; the checksum manifest is written last."""
+    local = Path(local)
+    if not local.is_dir():
+        raise StorageError(f"cannot upload {local}: not a folder")
+    fs, root = _fs(url)
+    files = local_checksums(local)
+    remote = with_retries(lambda: read_remote_checksums(url), url, "checking", retries) or {}
+    todo = [rel for rel, info in files.items() if remote.get(rel) != info]
+    report = SyncReport(url, files_skipped=len(files) - len(todo), files=files)
+    if not todo and remote.keys() == files.keys():
+        return report
+    if remote:  # the folder is about to change: it is not complete until the new manifest lands
+        with_retries(lambda: fs.rm_file(f"{root}/{CHECKSUMS}"), url, "unmarking", retries)
+
+    def send(rel: str) -> int:
+        with_retries(lambda: fs.put_file(str(local / rel), f"{root}/{rel}"), f"{url}/{rel}", "uploading to", retries)
+        return files[rel]["size"]
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for size in pool.map(send, todo):
+            report.files_sent += 1
+            report.bytes_sent += size
+    manifest = json.dumps({"files": files}, indent=1, sort_keys=True).encode()
+    with_retries(lambda: fs.pipe_file(f"{root}/{CHECKSUMS}", manifest), url, "marking complete", retries)
+    return report
+
+
+def download_folder(url: str, local: str | Path, workers: int = 8, retries: int = 4) -> SyncReport:
+    """Download a complete upload from `url` into `local`, verifying every file's sha256."""
+    local = Path(local)
+    fs, root = _fs(url)
+    files = with_retries(lambda: read_remote_checksums(url), url, "checking", retries)
+    if files is None:
+        raise StorageError(f"{url} has no {CHECKSUMS}: the upload is missing or incomplete")
+    report = SyncReport(url, files=files)
+    todo = []
+    for rel, info in files.items():
+        dest = local / rel
+        if dest.is_file() and dest.stat().st_size == info["size"] and sha256_file(dest) == info["sha256"]:
+            report.files_skipped += 1
+        else:
+            todo.append(rel)
+
+    def fetch(rel: str) -> int:
+        dest = local / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".partial")
+        with_retries(lambda: fs.get_file(f"{root}/{rel}", str(tmp)), f"{url}/{rel}", "downloading", retries)
+        if sha256_file(tmp) != files[rel]["sha256"]:
+            tmp.unlink()
+            raise StorageError(f"{url}/{rel}: checksum mismatch after download; the stored copy is corrupt")
+        os.replace(tmp, dest)
+        return files[rel]["size"]
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for size in pool.map(fetch, todo):
+            report.files_sent += 1
+            report.bytes_sent += size
+    return report
+
+
+def list_complete(url: str, prefix: str = "") -> list[str]:
+    """Names of the sub-folders of `url` (starting with `prefix`) whose upload is complete."""
+    fs, root = _fs(url)
+    fs.invalidate_cache()
+    try:
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return []
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(exc, url, "listing") from exc
+    names = sorted(os.path.basename(e.rstrip("/")) for e in entries)
+    return [n for n in names if n.startswith(prefix) and fs.exists(f"{root}/{n}/{CHECKSUMS}")]
