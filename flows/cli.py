@@ -14,6 +14,8 @@ from pathlib import Path
 
 from vlm_core.config import ConfigError, FinetuneConfig, load_config, to_json, to_yaml
 from vlm_core.data.shards import PrepareError
+from vlm_core.merge import MergeVerificationError
+from vlm_core.storage import StorageError
 
 
 def _config_args() -> argparse.ArgumentParser:
@@ -48,6 +50,16 @@ def _cmd_prepare(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
+    from flows.merge import merge
+
+    out = merge(cfg, adapter=args.adapter, out=args.out)
+    state = "already up to date" if out["skipped"] else "written"
+    print(f"merged model {state}: {out['out']} (max |Δlogit| {out['max_abs_diff']:.3g})"
+          + (f", uploaded to {out['uploaded_to']}" if "uploaded_to" in out else ""))
+    return 0
+
+
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from vlm_core.model.tiny import build_tiny_model
 
@@ -65,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", parents=[common], help="validate data and write WebDataset shards + manifest")
     p.add_argument("--task-runner", choices=["threads", "dask"], default="threads",
                    help="where shard groups run: the default thread pool, or a local Dask cluster")
+    p = sub.add_parser("merge", parents=[common], help="merge a LoRA adapter into its base model, verified")
+    p.add_argument("--adapter", help="adapter folder or URL (default: the run's newest complete checkpoint)")
+    p.add_argument("--out", help="merged model folder (default: train.output_dir/merged)")
     p = sub.add_parser("tiny-model", help="write the tiny random InternVL used by tests and the demo")
     p.add_argument("folder", type=Path)
     p.add_argument("--seed", type=int, default=0)
@@ -77,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tiny-model":
             return _cmd_tiny_model(args)
         cfg = load_config(args.config, args.overrides)
-        return {"config": _cmd_config, "prepare": _cmd_prepare}[args.command](cfg, args)
-    except (ConfigError, PrepareError) as exc:
+        commands = {"config": _cmd_config, "prepare": _cmd_prepare, "merge": _cmd_merge}
+        return commands[args.command](cfg, args)
+    except (ConfigError, PrepareError, StorageError, MergeVerificationError) as exc:
         print(f"vlmft: {exc}", file=sys.stderr)
         return 2
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import io
 
-import datagen as D
 import numpy as np
 import pytest
 from PIL import Image
 
+import datagen as D
 from vlm_core.data.images import ImageReject, check_image, join_under_root
 
 

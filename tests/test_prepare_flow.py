@@ -8,21 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import datagen as D
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+import datagen as D
+from conftest import flow_run_artifacts as _artifacts
 from flows.prepare_data import prepare_data
 from vlm_core.config import load_config
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 @pytest.fixture
@@ -37,17 +28,6 @@ def data_meta(tmp_path) -> Path:
 def _cfg(meta: Path, out: Path, *extra: str):
     return load_config(None, [f"data.meta={meta}", f"data.shards={out}", "data.samples_per_shard=6",
                               "data.eval_fraction=0.1", "data.max_reject_fraction=0.5", *extra])
-
-
-def _artifacts(flow_run_id) -> dict:
-    async def read():
-        async with get_client() as client:
-            return await client.read_artifacts(
-                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-
-    from prefect.utilities.asyncutils import run_coro_as_sync
-
-    return {a.key: a for a in run_coro_as_sync(read())}
 
 
 def test_flow_writes_shards_and_reports(prefect_server, data_meta, tmp_path):

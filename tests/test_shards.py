@@ -12,10 +12,10 @@ import tarfile
 import time
 from pathlib import Path
 
-import datagen as D
 import pytest
 import webdataset as wds
 
+import datagen as D
 from vlm_core.config import ConfigError, DataConfig
 from vlm_core.data.manifest import read_manifest
 from vlm_core.data.shards import PrepareError, plan_shards, prepare_shards

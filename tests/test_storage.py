@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import s3fs
-from conftest import S3_ENV
 
+from conftest import S3_ENV
 from vlm_core.checkpoints import (
     COMPLETE_MARKER,
     CheckpointUploader,

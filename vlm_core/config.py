@@ -150,6 +150,13 @@ class LoraConfig(_Section):
         min_length=1,
         description="Names of the language model's linear layers that get adapters.",
     )
+    merge_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the merged model's weights; auto keeps the base checkpoint's dtype."
+    )
+    merge_tolerance: float | None = Field(
+        None, ge=0, description="Largest relative logit difference allowed between the merged model and base + "
+        "adapter; null picks 1e-4 for float32 and 3e-2 for bfloat16 weights.",
+    )
     vision_target_modules: list[str] = Field(
         default_factory=lambda: list(VISION_LORA_TARGETS),
         min_length=1,
@@ -222,6 +229,11 @@ class StorageConfig(_Section):
         "everything local. S3 endpoint and keys come from AWS_* environment variables, never from here.",
     )
     upload_checkpoints: bool = Field(True, description="Upload each checkpoint while training runs.")
+    secret_block: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block holding a JSON object of AWS_* variables (e.g. "
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL); used when they are not in the environment.",
+    )
 
 
 class LoggingConfig(_Section):

@@ -1,0 +1,65 @@
+"""Flow: LoRA adapter + base model → verified merged model, uploaded next to the run's checkpoints.
+
+    vlmft merge --config configs/lora.yaml [--adapter PATH_OR_URL] [--out DIR]
+
+Without --adapter the newest complete checkpoint of the run is used: in train.output_dir, else in
+{storage.url}/runs/{name}/. The merged folder goes to train.output_dir/merged and, with storage.url,
+to {storage.url}/runs/{name}/merged.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.merge import merge_task
+from tasks.storage import load_storage_credentials, upload_folder_task
+from vlm_core.checkpoints import latest_complete, run_url
+from vlm_core.config import ConfigError, FinetuneConfig
+from vlm_core.storage import list_complete
+
+
+def newest_adapter(cfg: FinetuneConfig) -> str:
+    local = latest_complete(cfg.train.output_dir)
+    if local is not None:
+        return str(local)
+    if cfg.storage.url:
+        load_storage_credentials(cfg)
+        remote = list_complete(run_url(cfg.storage.url, cfg.name), "checkpoint-")
+        if remote:
+            return f"{run_url(cfg.storage.url, cfg.name)}/{max(remote, key=lambda n: int(n.split('-')[1]))}"
+    raise ConfigError(
+        f"no complete checkpoint in train.output_dir={cfg.train.output_dir}"
+        + (f" or {run_url(cfg.storage.url, cfg.name)}" if cfg.storage.url else "")
+        + "; pass --adapter PATH_OR_URL"
+    )
+
+
+@flow(name="merge")
+def merge(cfg: FinetuneConfig, adapter: str | None = None, out: str | None = None) -> dict:
+    """Merge the run's LoRA adapter into its base model, verify it, publish it."""
+    if not cfg.lora.enabled:
+        raise ConfigError("lora.enabled is false: a full fine-tune's checkpoints are already whole models")
+    adapter = adapter or newest_adapter(cfg)
+    out = out or str(Path(cfg.train.output_dir) / "merged")
+    result = merge_task(cfg, adapter, out)
+    if cfg.storage.url:
+        result["uploaded_to"] = upload_folder_task(cfg, out, f"{run_url(cfg.storage.url, cfg.name)}/merged")["url"]
+    create_markdown_artifact(
+        f"# Merged model\n\n- adapter: `{adapter}`\n- merged: `{out}`\n"
+        + (f"- in storage: `{result['uploaded_to']}`\n" if "uploaded_to" in result else "")
+        + f"- verification: max |Δlogit| {result['max_abs_diff']:.3g} ({result['relative_diff']:.3g} relative, "
+        f"tolerance {result['tolerance']:g})\n",
+        key="merged-model",
+        description="Where the merged model is and how well it reproduces base + adapter.",
+    )
+    return result
+
+
+if __name__ == "__main__":
+    from flows.cli import main
+
+    sys.exit(main(["merge", *sys.argv[1:]]))

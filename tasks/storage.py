@@ -1,0 +1,54 @@
+"""Prefect tasks around object storage: credentials, checkpoint upload, resume fetch, merged upload.
+
+Credentials come from the environment, or once from a Prefect Secret block (storage.secret_block)
+into this process's environment; their values are never logged, returned or put in artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from vlm_core.checkpoints import fetch_latest_checkpoint, run_url, upload_new_checkpoints
+from vlm_core.config import FinetuneConfig
+from vlm_core.storage import upload_folder
+
+
+def load_storage_credentials(cfg: FinetuneConfig) -> None:
+    """Put the Secret block's AWS_* values into os.environ, unless the environment already has them."""
+    if not cfg.storage.secret_block or os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        return
+    from prefect.blocks.system import Secret
+
+    values = Secret.load(cfg.storage.secret_block).get()
+    values = json.loads(values) if isinstance(values, str) else values
+    for key, value in values.items():
+        if key.startswith("AWS_"):
+            os.environ.setdefault(key, str(value))
+
+
+@task(name="upload-checkpoints", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def upload_checkpoints_task(cfg: FinetuneConfig) -> list[str]:
+    load_storage_credentials(cfg)
+    sent = upload_new_checkpoints(cfg.train.output_dir, cfg.storage.url, cfg.name)
+    get_run_logger().info("uploaded %d checkpoint(s) to %s", len(sent), run_url(cfg.storage.url, cfg.name))
+    return sent
+
+
+@task(name="fetch-checkpoint", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def fetch_checkpoint_task(cfg: FinetuneConfig) -> str | None:
+    load_storage_credentials(cfg)
+    got = fetch_latest_checkpoint(cfg.storage.url, cfg.name, cfg.train.output_dir)
+    return None if got is None else str(got)
+
+
+@task(name="upload-folder", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def upload_folder_task(cfg: FinetuneConfig, local: str, url: str) -> dict:
+    load_storage_credentials(cfg)
+    report = upload_folder(local, url)
+    get_run_logger().info("uploaded %s to %s: %d files sent (%d bytes), %d unchanged", local, url,
+                          report.files_sent, report.bytes_sent, report.files_skipped)
+    return {"url": url, "files_sent": report.files_sent, "bytes_sent": report.bytes_sent}
