@@ -120,3 +120,21 @@ def test_geometry_from_model_config(tiny_config):
     assert vision_geometry(real) == VisionGeometry(tile_size=448, tokens_per_tile=256)
     with pytest.raises(ValueError, match="image_seq_length"):
         vision_geometry({**real, "image_seq_length": 64})
+
+
+def test_exif_orientation_is_applied():
+    import io
+
+    from vlm_core.data.tiling import open_rgb
+
+    image = Image.new("RGB", (40, 20), (1, 2, 3))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90°: stored 40x20, shown 20x40 (shard records store the shown size)
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", exif=exif.tobytes())
+    assert open_rgb(buf.getvalue()).size == (20, 40)
+    buf = io.BytesIO()
+    Image.new("RGBA", (5, 7)).save(buf, "PNG")
+    assert open_rgb(buf.getvalue()).mode == "RGB"
+    with pytest.raises(ValueError, match="x.jpg: cannot decode image"):
+        open_rgb(b"nope", "x.jpg")

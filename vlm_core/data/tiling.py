@@ -149,8 +149,8 @@ def open_rgb(data: bytes, name: str = "image") -> Image.Image:
     """Decode image bytes to RGB, applying the EXIF orientation (shard records store oriented sizes)."""
     try:
         image = Image.open(io.BytesIO(data))
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        ImageOps.exif_transpose(image, in_place=True)  # no copy when there is no orientation tag
+        return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ValueError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from None
 
