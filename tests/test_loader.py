@@ -164,3 +164,18 @@ def test_reference_loader_gives_the_same_inputs(demo_data, preprocessor, tokeniz
         seen += batch["sample_ids"]
         assert (batch["labels"] != IGNORE_INDEX).any(dim=1).all()
     assert sorted(seen) == sorted(by_id)
+
+
+def test_rank_from_environment_and_worker_mismatch(demo_data, preprocessor, tokenizer, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ds = stream(demo_data["shards"], preprocessor, tokenizer, rank=None, world_size=None)
+    assert (ds.rank, ds.world_size, len(ds)) == (1, 2, 12)
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="RANK / WORLD_SIZE"):
+        stream(demo_data["shards"], preprocessor, tokenizer, rank=None, world_size=None)
+    wrong = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1)
+    with pytest.raises(ValueError, match="planned for 2"):
+        next(iter(wrong))
+    with pytest.raises(ValueError, match="another world size"):
+        ds.load_state(LoaderState(0, 25))

@@ -29,7 +29,10 @@ and plan the epoch ourselves from the manifest's per-shard sample counts:
   `DataStats.add` and log `as_dict()`.
 
 Use `make_dataloader` (batch_size=None: batches come collated from the dataset; workers not
-persistent, so `set_epoch` reaches them).
+persistent, so `set_epoch` reaches them). With the HF Trainer, return it from an overridden
+`get_train_dataloader` without `accelerator.prepare`: accelerate would otherwise dispatch an
+IterableDataset from rank 0 or re-split it with `IterableDatasetShard`, and this dataset is already
+split by rank.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from itertools import islice
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle as wds_shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -169,8 +173,11 @@ def epoch_plan(
 
 
 def _open(url: str):
+    """A shard opened for one sequential pass; remote files fetch the next block while this one is parsed."""
     fs, path = fsspec.core.url_to_fs(url)
-    return fs.open(path, "rb", block_size=READ_BLOCK_SIZE)
+    if isinstance(fs, LocalFileSystem):
+        return open(path, "rb")
+    return fs.open(path, "rb", block_size=READ_BLOCK_SIZE, cache_type="background")
 
 
 def iter_shard(run: ShardRun) -> Iterator[dict[str, Any]]:
