@@ -86,6 +86,18 @@ class DataConfig(_Section):
     )
     shuffle_buffer: int = Field(1000, ge=0, description="Samples held in the streaming loader's shuffle buffer.")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per training rank.")
+    overlong: Literal["truncate", "skip"] = Field(
+        "truncate",
+        description="Samples longer than max_seq_length: 'truncate' cuts them (never inside an image span: "
+        "those are skipped and counted), 'skip' drops them. Both are counted in the training logs.",
+    )
+    pad_to_multiple_of: int | None = Field(
+        8, ge=1, description="Right-pad each batch to a multiple of this many tokens (8 suits GPU kernels); null pads "
+        "to the batch's longest sample only.",
+    )
+    shuffle_shards: bool = Field(
+        True, description="Shuffle the order of shards every epoch (seeded by train.seed and the epoch)."
+    )
 
     @model_validator(mode="after")
     def _tiles(self) -> DataConfig:

@@ -1,0 +1,66 @@
+"""Batch `ModelSample`s into the tensors `InternVLForConditionalGeneration` takes.
+
+Right-padding to the longest sample (optionally rounded up to a multiple of 8 for GPU kernels),
+labels padded with -100, attention 0 on padding, and all tiles of all samples concatenated in text
+order, which is how transformers' InternVL matches image features to `<IMG_CONTEXT>` positions.
+The batch also carries what the loss and the logs need but the model does not take: per-sample
+supervised-token counts (InternVL's sample / square reductions weight by them) and sample ids;
+`model_inputs` picks the model's keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlm_core.data.preprocess import ModelSample
+from vlm_core.data.template import IGNORE_INDEX
+
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
+
+
+@dataclass(frozen=True)
+class Collator:
+    """Callable collate function; a dataclass so DataLoader workers can pickle it."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, samples: list[ModelSample]) -> dict[str, Any]:
+        return collate(samples, self.pad_token_id, self.pad_to_multiple_of)
+
+
+def collate(samples: list[ModelSample], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, Any]:
+    """A right-padded batch: input_ids, attention_mask, labels (B, L); pixel_values (tiles, 3, S, S);
+    supervised_tokens (B,) (labels != -100 after the one-position shift); tiles (B,); sample_ids.
+    """
+    if not samples:
+        raise ValueError("collate: empty batch")
+    width = max(len(s.input_ids) for s in samples)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    n = len(samples)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        length = len(s.input_ids)
+        input_ids[i, :length] = s.input_ids
+        labels[i, :length] = s.labels
+        attention[i, :length] = s.attention_mask
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "pixel_values": torch.cat([s.pixel_values for s in samples], dim=0),
+        "supervised_tokens": (labels[:, 1:] != IGNORE_INDEX).sum(dim=1),
+        "tiles": torch.tensor([s.pixel_values.shape[0] for s in samples], dtype=torch.long),
+        "sample_ids": [s.sample_id for s in samples],
+    }
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The keys `InternVLForConditionalGeneration.forward` takes; the rest is for the loss and logs."""
+    return {k: batch[k] for k in MODEL_KEYS}
