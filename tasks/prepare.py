@@ -6,18 +6,28 @@ between tasks on any task runner (threads, Dask).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from vlm_core.config import FinetuneConfig
+from vlm_core.data.length import make_length_check, model_fingerprint
 from vlm_core.data.manifest import Manifest
 from vlm_core.data.readers import DatasetSpec
 from vlm_core.data.shards import Group, GroupResult, Plan, begin, finalize, plan_shards, write_group
 
 
+@lru_cache(maxsize=4)
+def _length_check(cfg_json: str):
+    """One tokenizer per process and config, shared by the groups this process writes."""
+    cfg = FinetuneConfig.model_validate_json(cfg_json)
+    return make_length_check(cfg.model, cfg.data)
+
+
 @task(name="plan-shards", cache_policy=NO_CACHE)
 def plan_task(cfg: FinetuneConfig) -> Plan:
-    return plan_shards(cfg.data)
+    return plan_shards(cfg.data, model_fingerprint(cfg.model))
 
 
 @task(name="begin-shards", cache_policy=NO_CACHE)
@@ -28,7 +38,7 @@ def begin_task(cfg: FinetuneConfig) -> None:
 @task(name="write-shard-group", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
       task_run_name="write-{group.split}-{group.index}")
 def write_group_task(group: Group, datasets: list[DatasetSpec], cfg: FinetuneConfig) -> GroupResult:
-    return write_group(group, datasets, cfg.data)
+    return write_group(group, datasets, cfg.data, _length_check(cfg.model_dump_json()))
 
 
 @task(name="finalize-shards", cache_policy=NO_CACHE)

@@ -25,8 +25,14 @@ def data_meta(tmp_path) -> Path:
                                   "bad": {"root": "bad/images", "annotation": "bad/ann.jsonl"}})
 
 
+@pytest.fixture(autouse=True)
+def _tiny(tiny_model_dir):
+    global TINY
+    TINY = tiny_model_dir
+
+
 def _cfg(meta: Path, out: Path, *extra: str):
-    return load_config(None, [f"data.meta={meta}", f"data.shards={out}", "data.samples_per_shard=6",
+    return load_config(None, [f"model.path={TINY}", f"data.meta={meta}", f"data.shards={out}", "data.samples_per_shard=6",
                               "data.eval_fraction=0.1", "data.max_reject_fraction=0.5", *extra])
 
 
@@ -66,7 +72,7 @@ def test_cli_prepare_and_reject_limit(prefect_server, data_meta, tmp_path):
 
     vlmft = Path(sys.executable).parent / "vlmft"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the test server, not an ephemeral one
-    args = [vlmft, "prepare", f"data.meta={data_meta}", f"data.shards={tmp_path / 'cli'}", "data.samples_per_shard=6"]
+    args = [vlmft, "prepare", f"model.path={TINY}", f"data.meta={data_meta}", f"data.shards={tmp_path / 'cli'}", "data.samples_per_shard=6"]
     ok = subprocess.run([*args, "data.max_reject_fraction=0.5"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "shards written: " in ok.stdout and "(6 rejected" in ok.stdout

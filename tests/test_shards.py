@@ -238,3 +238,35 @@ def test_killed_writer_leaves_nothing_that_looks_complete(tmp_path):
     clean = prepare_shards(DataConfig(meta=str(meta), shards=str(tmp_path / "clean"), samples_per_shard=5,
                                       eval_fraction=0.0))
     assert manifest == clean
+
+
+def test_samples_too_long_for_the_model_are_rejected(tmp_path, tiny_model_dir):
+    from vlm_core.config import ModelConfig
+
+    img = tmp_path / "d" / "images"
+    img.mkdir(parents=True)
+    for i in range(3):
+        (img / f"big{i}.jpg").write_bytes(D.jpeg(300, 200, seed=i))
+    (img / "small.jpg").write_bytes(D.jpeg(60, 40, seed=9))  # one tile
+    turns = D.conv(("human", "<image>\n<image>\n<image>\nCompare."), ("gpt", "They differ."))
+    long_reply = D.conv(("human", "<image>\nDescribe."), ("gpt", " ".join(["red"] * 300)))
+    records = [
+        {"id": "three", "image": ["big0.jpg", "big1.jpg", "big2.jpg"], "conversations": turns},  # cut inside an image
+        {"id": "long", "image": "big0.jpg", "conversations": long_reply},  # text cut: allowed, trained truncated
+        {"id": "short", "image": "small.jpg", "conversations": D.conv(("human", "Q?"), ("gpt", "A."))},
+    ]
+    D.write_jsonl(tmp_path / "d" / "ann.jsonl", records)
+    meta = D.make_meta(tmp_path, {"d": {"root": "d/images", "annotation": "d/ann.jsonl", "max_dynamic_patch": 6}})
+    model = ModelConfig(path=str(tiny_model_dir))
+    cfg = _cfg(meta, tmp_path / "out", max_seq_length=128, eval_fraction=0.0, max_reject_fraction=1.0)
+    manifest = prepare_shards(cfg, model=model)
+    rejected = [json.loads(x) for x in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["reason"]) for r in rejected] == [("three", "too_long")]
+    assert "would cut inside an image span" in rejected[0]["detail"]
+    assert manifest.train.samples == 2
+    skip = prepare_shards(cfg.model_copy(update={"overlong": "skip", "shards": str(tmp_path / "skip")}), model=model)
+    rejected = [json.loads(x) for x in (tmp_path / "skip" / "rejected.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rejected) == ["long", "three"] and skip.train.samples == 1
+    # the tokenizer and tile geometry are part of the fingerprint
+    assert skip.fingerprint != prepare_shards(cfg.model_copy(update={"overlong": "skip",
+                                                                     "shards": str(tmp_path / "nomodel")})).fingerprint

@@ -32,7 +32,7 @@ import fsspec
 import webdataset as wds
 from fsspec.implementations.local import LocalFileSystem
 
-from vlm_core.config import DataConfig
+from vlm_core.config import DataConfig, ModelConfig
 from vlm_core.data.images import ImageReject, ShardImage, check_image, join_under_root, read_image_bytes
 from vlm_core.data.manifest import MANIFEST_NAME, DatasetCounts, Manifest, ShardInfo, SplitInfo, read_manifest
 from vlm_core.data.readers import DatasetSpec, read_bytes, read_meta, read_records, repeat_selection
@@ -43,11 +43,12 @@ PREPARE_VERSION = 1  # bump when the shard bytes for the same inputs would chang
 REJECTED_NAME = "rejected.jsonl"
 SHAPING_SETTINGS = (
     "eval_fraction", "eval_count", "samples_per_shard", "max_shard_bytes", "max_image_pixels",
-    "max_seq_length", "max_dynamic_patch", "min_dynamic_patch", "use_thumbnail", "image_check",
+    "max_seq_length", "max_dynamic_patch", "min_dynamic_patch", "use_thumbnail", "image_check", "overlong",
+    "system_prompt",
 )
 
-# A length check: (unit, its images) -> None when the sample fits, else the reject detail.
-LengthCheck = Callable[["Unit", list[ShardImage]], str | None]
+# A length check (vlm_core.data.length): (turns, image sizes, max_dynamic_patch) -> None or the reject detail.
+LengthCheck = Callable[[list[dict], list[tuple[int, int]], "int | None"], "str | None"]
 
 
 class PrepareError(RuntimeError):
@@ -326,7 +327,8 @@ def write_group(
             except ImageReject as exc:
                 result.rejects.append(_reject(spec, unit.line, unit.id, exc.reason, exc.detail, unit.repeat))
                 continue
-            too_long = length_check(unit, images) if length_check else None
+            sizes = [(im.width, im.height) for im in images]
+            too_long = length_check(unit.conversations, sizes, spec.max_dynamic_patch) if length_check else None
             if too_long:
                 result.rejects.append(_reject(spec, unit.line, unit.id, "too_long", too_long, unit.repeat))
                 continue
@@ -415,12 +417,18 @@ def _remove_stale_shards(fs, root: str, manifest: Manifest) -> None:
 def prepare_shards(
     data: DataConfig,
     workers: int = 1,
-    length_check: LengthCheck | None = None,
-    extra_fingerprint: str = "",
+    model: ModelConfig | None = None,
     on_group_done: Callable[[GroupResult], None] | None = None,
 ) -> Manifest:
-    """The whole prepare step in this process (threads), without an orchestrator."""
-    plan = plan_shards(data, extra_fingerprint)
+    """The whole prepare step in this process (threads), without an orchestrator.
+
+    With `model`, samples too long for data.max_seq_length under that model's tokenizer and tile
+    geometry are rejected as too_long (and the model's tokenizer/config join the fingerprint).
+    """
+    from vlm_core.data.length import make_length_check, model_fingerprint
+
+    plan = plan_shards(data, model_fingerprint(model) if model else "")
+    length_check = make_length_check(model, data) if model and not plan.up_to_date else None
     if plan.up_to_date:
         return plan.manifest
     begin(data)
