@@ -247,7 +247,7 @@ def test_samples_too_long_for_the_model_are_rejected(tmp_path, tiny_model_dir):
     img.mkdir(parents=True)
     for i in range(3):
         (img / f"big{i}.jpg").write_bytes(D.jpeg(300, 200, seed=i))
-    (img / "small.jpg").write_bytes(D.jpeg(60, 40, seed=9))  # one tile
+    (img / "small.jpg").write_bytes(D.jpeg(40, 40, seed=9))  # square: one tile
     turns = D.conv(("human", "<image>\n<image>\n<image>\nCompare."), ("gpt", "They differ."))
     long_reply = D.conv(("human", "<image>\nDescribe."), ("gpt", " ".join(["red"] * 300)))
     records = [
