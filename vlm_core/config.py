@@ -190,7 +190,13 @@ class TrainConfig(_Section):
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 runs train.num_epochs epochs.")
     num_epochs: float = Field(1.0, gt=0, description="Epochs over the training shards when max_steps is -1.")
     per_device_batch_size: int = Field(1, ge=1, description="Samples per micro-batch on each rank.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step (derived from train.global_batch_size when that is set)."
+    )
+    global_batch_size: int | None = Field(
+        None, ge=1, description="Samples per optimizer step over all ranks; must be divisible by "
+        "per_device_batch_size x nproc_per_node x nnodes. Null uses gradient_accumulation_steps as given.",
+    )
     learning_rate: float = Field(4e-5, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps with linear warm-up.")

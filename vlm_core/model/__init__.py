@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from vlm_core.config import FinetuneConfig
 
 
-def build_for_training(cfg: FinetuneConfig):
-    """Load the configured InternVL model and make exactly the configured parameters trainable."""
+def build_for_training(cfg: FinetuneConfig, weights_from: Path | None = None):
+    """Load the configured InternVL model and make exactly the configured parameters trainable.
+
+    weights_from: a full-weight checkpoint folder whose weights replace the base model's (resume).
+    """
     from vlm_core.model.freeze import apply_freezing
     from vlm_core.model.load import load_model
     from vlm_core.model.lora import apply_lora
 
-    model = load_model(cfg.model)
+    model = load_model(cfg.model if weights_from is None else cfg.model.model_copy(update={"path": str(weights_from)}))
     if cfg.lora.enabled:
         return apply_lora(model, cfg)
     apply_freezing(model, cfg)

@@ -1,0 +1,116 @@
+"""Command lines for the training subprocess, and the checks that must pass before launching it.
+
+`python -m vlm_core.train --config run.json` is the one entry point; this module wraps it in the
+launcher the config asks for: plain python (one process), torchrun (N processes per node, one or
+several nodes with a static rendezvous at master_addr:master_port), or the deepspeed launcher
+(N processes, or several nodes from a hostfile). Everything that can be checked without starting
+processes is checked in `check_run`, so a bad config fails in a second, not after model loading.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from vlm_core.config import ConfigError, FinetuneConfig
+
+DS_CONFIG_DIR = Path(__file__).with_name("ds_configs")
+
+
+def world_size(cfg: FinetuneConfig) -> int:
+    return cfg.train.nproc_per_node * cfg.train.nnodes
+
+
+def gradient_accumulation(cfg: FinetuneConfig) -> int:
+    """Micro-batches per step: from train.global_batch_size when set, else as configured."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return t.gradient_accumulation_steps
+    per_step = t.per_device_batch_size * world_size(cfg)
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.per_device_batch_size "
+            f"({t.per_device_batch_size}) x train.nproc_per_node ({t.nproc_per_node}) x train.nnodes ({t.nnodes}) "
+            f"= {per_step}; pick a multiple of {per_step}"
+        )
+    accum = t.global_batch_size // per_step
+    if t.gradient_accumulation_steps not in (1, accum):
+        raise ConfigError(
+            f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} contradicts train.global_batch_size="
+            f"{t.global_batch_size} (which needs {accum}); set only one of them"
+        )
+    return accum
+
+
+def deepspeed_config_path(cfg: FinetuneConfig) -> Path | None:
+    if cfg.train.deepspeed == "none":
+        return None
+    return DS_CONFIG_DIR / f"{cfg.train.deepspeed}.json"
+
+
+def check_run(cfg: FinetuneConfig) -> None:
+    """Everything about a run that can fail before launch, with the key to fix in the message."""
+    from vlm_core.data.manifest import read_manifest
+
+    t = cfg.train
+    gradient_accumulation(cfg)
+    if t.deepspeed == "zero3_offload" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.deepspeed=zero3_offload offloads GPU memory to the CPU and needs CUDA GPUs; on a CPU-only "
+            "machine use train.deepspeed=zero3 (or zero2)"
+        )
+    if t.bf16 and not torch.cuda.is_available() and t.deepspeed != "none":
+        raise ConfigError("train.bf16=true with DeepSpeed needs a GPU; on CPU set train.bf16=false")
+    if t.launcher == "deepspeed" and t.nnodes > 1:
+        raise ConfigError("several nodes: use train.launcher=torchrun (static rendezvous at train.master_addr:port)")
+    if t.launcher == "python" and world_size(cfg) > 1:
+        raise ConfigError(
+            f"train.launcher=python starts one process but train.nproc_per_node x train.nnodes = {world_size(cfg)}; "
+            "use train.launcher=torchrun or deepspeed"
+        )
+    if t.deepspeed == "zero3" and cfg.lora.enabled and cfg.model.gradient_checkpointing and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.deepspeed=zero3 with LoRA and model.gradient_checkpointing is not supported on CPU here; "
+            "turn off model.gradient_checkpointing or use train.deepspeed=zero2"
+        )
+    manifest = read_manifest(cfg.data.shards)
+    if manifest is None:
+        raise ConfigError(
+            f"data.shards={cfg.data.shards}: no manifest.json, so no complete shard set; run `vlmft prepare` first"
+        )
+    if manifest.train.samples == 0:
+        raise ConfigError(f"data.shards={cfg.data.shards}: the manifest lists no training samples")
+
+
+def thread_env(cfg: FinetuneConfig) -> dict[str, str]:
+    """Environment for the training processes: threads split over the ranks of a node, no hub access."""
+    cores = os.cpu_count() or 1
+    env = {
+        "OMP_NUM_THREADS": str(max(1, cores // cfg.train.nproc_per_node)),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    if "wandb" in cfg.logging.report_to:
+        env.setdefault("WANDB_PROJECT", cfg.logging.wandb_project)
+        env["WANDB_MODE"] = "online" if cfg.logging.wandb_mode == "online" and os.environ.get("WANDB_API_KEY") else "offline"
+    return env
+
+
+def command(cfg: FinetuneConfig, config_path: str | Path, python: str = sys.executable) -> list[str]:
+    """The argv that starts training on this node."""
+    t = cfg.train
+    entry = ["-m", "vlm_core.train", "--config", str(config_path)]
+    if t.launcher == "python":
+        return [python, *entry]
+    if t.launcher == "torchrun":
+        return [python, "-m", "torch.distributed.run", f"--nproc_per_node={t.nproc_per_node}", f"--nnodes={t.nnodes}",
+                f"--node_rank={t.node_rank}", f"--master_addr={t.master_addr}", f"--master_port={t.master_port}", *entry]
+    return [python, "-m", "deepspeed.launcher.runner", f"--master_addr={t.master_addr}",
+            f"--master_port={t.master_port}", f"--num_gpus={t.nproc_per_node}", "--module", "vlm_core.train",
+            "--config", str(config_path)]

@@ -1,0 +1,269 @@
+"""The training entry point: `python -m vlm_core.train --config run.json`.
+
+Run it under torchrun or the deepspeed launcher (vlm_core.launch builds the command line), or alone.
+HF Trainer does the optimisation; this module supplies what an InternVL fine-tune needs around it:
+
+* TrainingArguments and the DeepSpeed config derived from the one `FinetuneConfig`. On a CPU-only
+  machine `use_cpu=True` is required, or the Trainer does not see the other ranks (REFERENCE.md),
+  and ZeRO-3 needs `deepspeed.init_distributed("gloo")` before the model is built.
+* The streaming shard loader, already split by rank: returned from `get_train_dataloader` without
+  accelerate's `prepare` (which would re-split or broadcast it).
+* The loss with InternVL's token / sample / square reductions, normalised over the global batch of
+  each optimizer step (all micro-batches, all ranks; vlm_core.model.loss).
+* Checkpoints that count only once complete (`checkpoint_complete.json`), and resume from the newest
+  complete one with the data position restored: the loader continues after the last sample the
+  checkpoint trained on instead of replaying the epoch.
+* Rank-0 progress lines (`VLMFT_PROGRESS {...}`) for the Prefect task, `metrics.jsonl` in the run
+  folder, and per-rank sample logs so a run can show which samples each rank trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+PROGRESS = "VLMFT_PROGRESS"
+
+
+def _single_process_env() -> None:
+    """A bare `python -m vlm_core.train` with DeepSpeed needs the variables a launcher would set."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def _say(kind: str, **fields) -> None:
+    """A machine-readable progress line on rank 0 (the Prefect task parses these)."""
+    if _rank() == 0:
+        print(f"{PROGRESS} {json.dumps({'kind': kind, **fields})}", flush=True)
+
+
+def resolve_resume(cfg) -> Path | None:
+    """The checkpoint to resume from: newest complete one ('auto'), none, or the given folder."""
+    from vlm_core.checkpoints import COMPLETE_MARKER, latest_complete
+    from vlm_core.config import ConfigError
+
+    choice = cfg.train.resume_from
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return latest_complete(cfg.train.output_dir)
+    path = Path(choice)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise ConfigError(f"train.resume_from={choice}: not a complete checkpoint (no {COMPLETE_MARKER})")
+    return path
+
+
+def training_arguments(cfg, use_cpu: bool):
+    from transformers import TrainingArguments
+
+    from vlm_core.launch import deepspeed_config_path, gradient_accumulation
+
+    t = cfg.train
+    ds = deepspeed_config_path(cfg)
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(cfg),
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_epochs,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        bf16=t.bf16,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        report_to=list(cfg.logging.report_to) or "none",
+        run_name=cfg.name,
+        deepspeed=str(ds) if ds else None,
+        use_cpu=use_cpu,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        ignore_data_skip=True,  # the loader restores the data position itself, without replaying batches
+        disable_tqdm=True,
+        optim="adamw_torch",
+    )
+
+
+def build_trainer(cfg, targs, model, tokenizer, resume: Path | None):
+    """The HF Trainer wired to the streaming loader, the global-batch loss and our callbacks."""
+    from transformers import Trainer, TrainerCallback
+
+    from vlm_core.data.collator import Collator
+    from vlm_core.data.loader import DataStats, ShardStream, make_dataloader
+    from vlm_core.data.manifest import read_manifest
+    from vlm_core.data.preprocess import make_preprocessor
+    from vlm_core.model.loss import global_weight_total, vlm_loss
+    from vlm_core.trainer_callbacks import CheckpointCompleteCallback
+
+    reduction = cfg.train.loss_reduction
+    preprocess = make_preprocessor(tokenizer, cfg.data, model.config)
+    collate = Collator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
+    stream_kw = dict(batch_size=cfg.train.per_device_batch_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers)
+    train_stream = ShardStream.from_folder(cfg.data.shards, preprocess, collate, "train", shuffle_buffer=cfg.data.shuffle_buffer,
+                                           shuffle_shards=cfg.data.shuffle_shards, **stream_kw)
+    manifest = read_manifest(cfg.data.shards)
+    eval_stream = None
+    if manifest.eval.samples:
+        eval_stream = ShardStream.from_folder(cfg.data.shards, preprocess, collate, "eval", shuffle_buffer=0,
+                                              shuffle_shards=False, **stream_kw)
+    else:
+        targs.eval_strategy = "no"
+    if resume is not None:
+        step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
+        train_stream.load_state(train_stream.state_after(step * targs.gradient_accumulation_steps))
+
+    samples_dir = Path(cfg.train.output_dir) / "samples"
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    sample_log = open(samples_dir / f"rank{_rank()}.jsonl", "a")
+    stats = DataStats()
+
+    class VLMTrainer(Trainer):
+        """Trainer with the shard stream as data and the global-batch normaliser for the loss."""
+
+        def get_train_dataloader(self):
+            dl = make_dataloader(train_stream)
+            dl.set_epoch = train_stream.set_epoch  # the Trainer calls this at each epoch start
+            return dl
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            return make_dataloader(eval_stream)
+
+        def _get_num_items_in_batch(self, batch_samples, device):
+            # The Trainer's hook (transformers 5.24) for the loss normaliser of one optimizer step (and of
+            # one eval batch); it counts supervised tokens, which is right only for the token reduction.
+            if not batch_samples:
+                return None
+            norm = global_weight_total([b["labels"] for b in batch_samples], reduction)  # all-reduced
+            return norm.to(device)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            delta = inputs.pop("data_stats", None)
+            ids = inputs.pop("sample_ids", None)
+            for extra in ("supervised_tokens", "tiles"):
+                inputs.pop(extra, None)
+            if model.training and ids is not None:
+                stats.add(delta or {})
+                sample_log.write(json.dumps({"step": self.state.global_step, "ids": list(ids)}) + "\n")
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            _say("start", world_size=args.world_size, max_steps=state.max_steps, global_step=state.global_step,
+                 effective_batch=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+                 ranks=[_rank()], resumed_from=str(resume) if resume else None)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            record = {"step": state.global_step, **logs, **stats.as_dict()}
+            with open(Path(args.output_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            _say("log", max_steps=state.max_steps, **record)
+
+        def on_save(self, args, state, control, **kw):
+            sample_log.flush()
+            _say("checkpoint", step=state.global_step, path=str(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
+
+    trainer = VLMTrainer(
+        model=model, args=targs, train_dataset=train_stream, eval_dataset=eval_stream, processing_class=tokenizer,
+        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: vlm_loss(
+            outputs.logits, labels, reduction, normalizer=num_items_in_batch),
+        callbacks=[CheckpointCompleteCallback(), Progress()],
+    )
+    trainer.model_accepts_loss_kwargs = False  # our loss function takes the normaliser, not the model
+    return trainer, stats, sample_log
+
+
+def run(cfg) -> dict:
+    """Train as configured; returns (on every rank) a small summary."""
+    import torch
+
+    from vlm_core.launch import check_run
+    from vlm_core.model import build_for_training
+    from vlm_core.model.load import load_tokenizer
+
+    t0 = time.time()
+    check_run(cfg)
+    use_cpu = not torch.cuda.is_available()
+    targs = training_arguments(cfg, use_cpu)
+    if targs.deepspeed and use_cpu:
+        import deepspeed
+
+        _ = targs.device  # let accelerate set up the process group first
+        deepspeed.init_distributed(dist_backend="gloo")
+    resume = resolve_resume(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    # A full-weight run without DeepSpeed takes its weights from the checkpoint through from_pretrained:
+    # the Trainer's own loader reads the saved (original-format) InternVL keys raw, matches none and only
+    # warns. DeepSpeed and LoRA resumes restore the weights themselves.
+    weights = resume if resume is not None and cfg.train.deepspeed == "none" and not cfg.lora.enabled else None
+    model = build_for_training(cfg, weights_from=weights)
+    trainer, stats, sample_log = build_trainer(cfg, targs, model, tokenizer, resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    final_eval = trainer.evaluate() if targs.eval_strategy != "no" else {}
+    trainer.save_model(str(Path(cfg.train.output_dir) / "final"))  # every rank: ZeRO-3 gathers the weights
+    sample_log.close()
+    history = trainer.state.log_history
+    summary = {
+        "world_size": targs.world_size,
+        "global_step": trainer.state.global_step,
+        "resumed_from": str(resume) if resume else None,
+        "train_loss": result.training_loss,
+        "losses": {str(h["step"]): h["loss"] for h in history if "loss" in h},
+        "eval_losses": {str(h["step"]): h["eval_loss"] for h in history if "eval_loss" in h},
+        "final_eval_loss": final_eval.get("eval_loss"),
+        "data": stats.as_dict(),
+        "seconds": round(time.time() - t0, 1),
+    }
+    if trainer.is_world_process_zero():
+        (Path(cfg.train.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=1))
+    _say("done", **summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vlm_core.config import ConfigError, from_json, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m vlm_core.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="run config: JSON (as written by the launcher) or YAML")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value")
+    args = parser.parse_args(argv)
+    _single_process_env()
+    try:
+        if args.config.endswith(".json") and not args.overrides:
+            cfg = from_json(Path(args.config).read_text(), args.config)
+        else:
+            cfg = load_config(args.config, args.overrides)
+        run(cfg)
+    except ConfigError as exc:
+        print(f"vlm_core.train: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
