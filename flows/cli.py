@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tasks.process import ProcessFailed
 from vlm_core.config import ConfigError, FinetuneConfig, load_config, to_json, to_yaml
 from vlm_core.data.shards import PrepareError
 from vlm_core.merge import MergeVerificationError
@@ -60,6 +61,15 @@ def _cmd_merge(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
+    from flows.train import train
+
+    out = train(cfg)
+    print(f"trained {out.get('global_step')} steps on {out.get('world_size')} rank(s); final eval loss "
+          f"{out.get('final_eval_loss')}; checkpoints in {cfg.train.output_dir}")
+    return 0
+
+
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from vlm_core.model.tiny import build_tiny_model
 
@@ -77,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", parents=[common], help="validate data and write WebDataset shards + manifest")
     p.add_argument("--task-runner", choices=["threads", "dask"], default="threads",
                    help="where shard groups run: the default thread pool, or a local Dask cluster")
+    sub.add_parser("train", parents=[common], help="train on prepared shards (torchrun / deepspeed subprocess)")
     p = sub.add_parser("merge", parents=[common], help="merge a LoRA adapter into its base model, verified")
     p.add_argument("--adapter", help="adapter folder or URL (default: the run's newest complete checkpoint)")
     p.add_argument("--out", help="merged model folder (default: train.output_dir/merged)")
@@ -92,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tiny-model":
             return _cmd_tiny_model(args)
         cfg = load_config(args.config, args.overrides)
-        commands = {"config": _cmd_config, "prepare": _cmd_prepare, "merge": _cmd_merge}
+        commands = {"config": _cmd_config, "prepare": _cmd_prepare, "train": _cmd_train, "merge": _cmd_merge}
         return commands[args.command](cfg, args)
-    except (ConfigError, PrepareError, StorageError, MergeVerificationError) as exc:
+    except (ConfigError, PrepareError, StorageError, MergeVerificationError, ProcessFailed) as exc:
         print(f"vlmft: {exc}", file=sys.stderr)
         return 2
 

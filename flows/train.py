@@ -1,0 +1,34 @@
+"""Flow: distributed training from prepared shards (see vlm_core.train and tasks.train).
+
+    vlmft train --config configs/demo.yaml train.nproc_per_node=2
+"""
+
+from __future__ import annotations
+
+import sys
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.train import train_task
+from vlm_core.config import FinetuneConfig
+
+
+@flow(name="train")
+def train(cfg: FinetuneConfig) -> dict:
+    """Train the configured model on the configured shards; resume if a checkpoint exists."""
+    summary = train_task(cfg)  # called directly: a cancellation must reach the subprocess owner
+    create_markdown_artifact(
+        f"# Training `{cfg.name}`\n\n- steps: {summary.get('global_step')} on {summary.get('world_size')} rank(s)\n"
+        f"- final train loss: {summary.get('train_loss')}\n- final eval loss: {summary.get('final_eval_loss')}\n"
+        f"- output: `{cfg.train.output_dir}`\n",
+        key="training-summary",
+        description="What the training run did.",
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    from flows.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

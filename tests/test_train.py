@@ -1,0 +1,198 @@
+"""Distributed training on CPU with real processes: torchrun + DeepSpeed ZeRO-2/3, LoRA, kill and resume,
+two node agents, bad configs caught before launch, and the Prefect task killing the whole group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import datagen as D
+from conftest import _free_port
+from tasks.process import process_tree
+from vlm_core.config import ConfigError, FinetuneConfig, load_config, to_json
+from vlm_core.data.shards import prepare_shards
+from vlm_core.launch import check_run, command, thread_env
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tiny_model_dir) -> Path:
+    root = tmp_path_factory.mktemp("train-data")
+    D.write_jsonl(root / "d" / "ann.jsonl", D.good_records(root / "d" / "images", 20))
+    meta = D.make_meta(root, {"d": {"root": "d/images", "annotation": "d/ann.jsonl"}})
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.meta={meta}", f"data.shards={root / 'shards'}",
+                             "data.samples_per_shard=6", "data.eval_count=4", "data.max_dynamic_patch=2"])
+    prepare_shards(cfg.data, model=cfg.model)
+    return root / "shards"
+
+
+def _cfg(tiny_model_dir, shards, out: Path, *extra: str) -> FinetuneConfig:
+    return load_config(None, [
+        "name=t", f"model.path={tiny_model_dir}", "model.dtype=float32", f"data.shards={shards}",
+        "data.max_dynamic_patch=2", "data.num_workers=1", "data.shuffle_buffer=8", f"train.output_dir={out}",
+        "train.per_device_batch_size=2", "train.learning_rate=3e-3", "train.warmup_ratio=0", "train.bf16=false",
+        "train.lr_scheduler=constant", "train.logging_steps=1", "train.save_steps=3", "train.eval_steps=4",
+        "train.max_steps=8", "train.nproc_per_node=2", "train.deepspeed=zero2", f"train.master_port={_free_port()}",
+        "logging.report_to=[]", *extra])
+
+
+def _launch(cfg: FinetuneConfig, wait: bool = True):
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(to_json(cfg))
+    log = open(out / "train.log", "ab")
+    proc = subprocess.Popen(command(cfg, out / "run.json"), env={**os.environ, **thread_env(cfg)}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    if wait:
+        assert proc.wait(timeout=300) == 0, (out / "train.log").read_text()[-4000:]
+    return proc
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "run_summary.json").read_text())
+
+
+def _rank_ids(out: Path, rank: int, steps_per_epoch: int) -> list[str]:
+    rows = [json.loads(x) for x in (out / "samples" / f"rank{rank}.jsonl").read_text().splitlines()]
+    return [i for r in rows if r["step"] < steps_per_epoch for i in r["ids"]]
+
+
+def test_two_ranks_zero2_train_on_disjoint_samples_and_learn(tiny_model_dir, shards, tmp_path):
+    out = tmp_path / "z2"
+    cfg = _cfg(tiny_model_dir, shards, out, "train.max_steps=16")
+    _launch(cfg)
+    s = _summary(out)
+    assert s["world_size"] == 2 and s["global_step"] == 16
+    # 16 training samples, 2 ranks x batch 2: 4 steps per epoch; within an epoch the ranks never share a sample
+    r0, r1 = _rank_ids(out, 0, 4), _rank_ids(out, 1, 4)
+    assert len(r0) == len(r1) == 8 and not set(r0) & set(r1) and len(set(r0) | set(r1)) == 16
+    losses = [s["losses"][str(i)] for i in range(1, 17)]
+    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4  # a small set is being memorised
+    assert set(s["eval_losses"]) == {"4", "8", "12", "16"} and s["final_eval_loss"] < s["eval_losses"]["4"]
+    for step in (3, 6, 9, 12, 15):
+        ck = out / f"checkpoint-{step}"
+        assert (ck / "checkpoint_complete.json").is_file() == (step >= 12)  # save_total_limit=3 keeps the newest
+    assert (out / "checkpoint-15" / "global_step15").is_dir()  # DeepSpeed's ZeRO shards
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in m for m in metrics) and all("data/samples" in m for m in metrics)
+
+
+def test_zero3_and_lora_adapter_only_checkpoints(tiny_model_dir, shards, tmp_path):
+    z3 = tmp_path / "z3"
+    _launch(_cfg(tiny_model_dir, shards, z3, "train.deepspeed=zero3", "train.max_steps=4"))
+    s = _summary(z3)
+    assert s["world_size"] == 2 and s["global_step"] == 4 and s["final_eval_loss"] is not None
+    assert (z3 / "final" / "model.safetensors").stat().st_size > 100_000  # gathered from the ZeRO-3 shards
+
+    lora = tmp_path / "lora"
+    _launch(_cfg(tiny_model_dir, shards, lora, "lora.enabled=true", "lora.r=4", "train.max_steps=4"))
+    s = _summary(lora)
+    assert s["world_size"] == 2 and s["losses"]["4"] < s["losses"]["1"]
+    ck = lora / "checkpoint-3"
+    assert (ck / "adapter_model.safetensors").is_file() and (ck / "adapter_config.json").is_file()
+    assert not (ck / "model.safetensors").exists()
+    assert (ck / "adapter_model.safetensors").stat().st_size < 0.5 * (tiny_model_dir / "model.safetensors").stat().st_size
+
+
+def test_sigkill_after_checkpoint_then_resume_matches_unbroken_run(tiny_model_dir, shards, tmp_path):
+    full = tmp_path / "full"
+    _launch(_cfg(tiny_model_dir, shards, full, "train.max_steps=9", "train.save_total_limit=null"))
+    reference = _summary(full)["losses"]
+
+    broken = tmp_path / "broken"
+    cfg = _cfg(tiny_model_dir, shards, broken, "train.max_steps=9", "train.save_total_limit=null")
+    proc = _launch(cfg, wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (broken / "checkpoint-3" / "checkpoint_complete.json").exists():
+        assert proc.poll() is None, (broken / "train.log").read_text()[-3000:]
+        time.sleep(0.05)
+    # the training machine dies: every process of the run at once (the ranks sit in sessions of their own)
+    tree = process_tree(proc.pid)
+    for p in tree:
+        p.kill()
+    proc.wait()
+    psutil.wait_procs(tree, timeout=30)
+    done = sorted(int(p.name.split("-")[1]) for p in broken.glob("checkpoint-*") if (p / "checkpoint_complete.json").exists())
+    assert done and done[-1] < 9
+    _launch(cfg)  # train.resume_from=auto
+    s = _summary(broken)
+    assert s["resumed_from"].endswith(f"checkpoint-{done[-1]}") and s["global_step"] == 9
+    for step in range(done[-1] + 1, 10):
+        assert abs(s["losses"][str(step)] - reference[str(step)]) < 1e-4, (step, s["losses"], reference)
+
+
+def test_two_node_agents_form_one_job(tiny_model_dir, shards, tmp_path):
+    out = tmp_path / "nodes"
+    port = _free_port()
+    procs = []
+    for node in (0, 1):
+        cfg = _cfg(tiny_model_dir, shards, out, "train.nnodes=2", "train.nproc_per_node=1", f"train.node_rank={node}",
+                   f"train.master_port={port}", "train.max_steps=3")
+        procs.append(_launch(cfg, wait=False))
+    for p in procs:
+        assert p.wait(timeout=300) == 0, (out / "train.log").read_text()[-4000:]
+    s = _summary(out)
+    assert s["world_size"] == 2 and s["global_step"] == 3
+    assert not set(_rank_ids(out, 0, 99)) & set(_rank_ids(out, 1, 99))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.deepspeed=zero3_offload"], "needs CUDA GPUs"),
+        (["train.global_batch_size=6"], "train.global_batch_size=6 is not divisible by"),
+        (["train.bf16=true"], "train.bf16=true with DeepSpeed needs a GPU"),
+        (["train.launcher=python"], "train.launcher=python starts one process"),
+    ],
+)
+def test_bad_run_config_fails_before_launch(tiny_model_dir, shards, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_run(_cfg(tiny_model_dir, shards, tmp_path / "x", *overrides))
+
+
+def test_missing_shards_fail_before_launch(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="no manifest.json.*vlmft prepare"):
+        check_run(_cfg(tiny_model_dir, tmp_path / "nothing", tmp_path / "x"))
+
+
+def test_global_batch_size_sets_accumulation(tiny_model_dir, shards, tmp_path):
+    from vlm_core.launch import gradient_accumulation
+
+    assert gradient_accumulation(_cfg(tiny_model_dir, shards, tmp_path, "train.global_batch_size=16")) == 4
+
+
+FLOW_SCRIPT = """
+import sys
+from flows.train import train
+from vlm_core.config import from_json
+train(from_json(open(sys.argv[1]).read()))
+"""
+
+
+def test_sigterm_to_the_flow_process_kills_the_training_group(tiny_model_dir, shards, tmp_path):
+    """What a Prefect worker does on cancel: SIGTERM the flow process only. No rank may survive."""
+    out = tmp_path / "cancel"
+    cfg = _cfg(tiny_model_dir, shards, out, "train.max_steps=500", "train.save_steps=1000")
+    out.mkdir()
+    (out / "cfg.json").write_text(to_json(cfg))
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    flow = subprocess.Popen([sys.executable, "-c", FLOW_SCRIPT, str(out / "cfg.json")], env=env,
+                            stdout=open(tmp_path / "flow.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        assert flow.poll() is None, (tmp_path / "flow.log").read_text()[-3000:]
+        time.sleep(0.2)
+    tree = process_tree(int((out / "train.pid").read_text()))
+    ranks = [p for p in tree if "vlm_core.train" in " ".join(p.cmdline())]
+    assert len(ranks) >= 3  # the torchrun launcher + 2 ranks (+ their DataLoader workers)
+    flow.send_signal(signal.SIGTERM)
+    flow.wait(timeout=60)
+    _, alive = psutil.wait_procs(tree, timeout=15)
+    assert alive == [], f"training processes survived the cancel: {[p.pid for p in alive]}"
