@@ -196,3 +196,27 @@ def test_sigterm_to_the_flow_process_kills_the_training_group(tiny_model_dir, sh
     flow.wait(timeout=60)
     _, alive = psutil.wait_procs(tree, timeout=15)
     assert alive == [], f"training processes survived the cancel: {[p.pid for p in alive]}"
+
+
+def test_train_flow_single_process_resume_and_trackers(prefect_server, tiny_model_dir, shards, tmp_path):
+    """Plain python launcher without DeepSpeed: the full-weight resume path, TensorBoard and offline W&B."""
+    from conftest import flow_run_artifacts
+    from flows.train import train
+
+    def cfg(out, steps):
+        return _cfg(tiny_model_dir, shards, out, "train.launcher=python", "train.nproc_per_node=1",
+                    "train.deepspeed=none", f"train.max_steps={steps}", "train.save_steps=2",
+                    "train.save_total_limit=null", "logging.report_to=[tensorboard, wandb]")
+
+    unbroken = train(cfg(tmp_path / "a", 4))
+    first = train(cfg(tmp_path / "b", 2))
+    assert first["global_step"] == 2 and first["world_size"] == 1
+    state = train(cfg(tmp_path / "b", 4), return_state=True)  # same folder, more steps: resumes at 2
+    resumed = state.result()
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["global_step"] == 4
+    for step in ("3", "4"):
+        assert abs(resumed["losses"][step] - unbroken["losses"][step]) < 1e-5
+    arts = flow_run_artifacts(state.state_details.flow_run_id)
+    assert arts["training-progress"].data == 100.0 and "steps: 4" in arts["training-summary"].data
+    assert list((tmp_path / "b").rglob("events.out.tfevents.*"))  # TensorBoard
+    assert list((tmp_path / "b" / "wandb").glob("offline-run-*"))  # W&B, offline, no network

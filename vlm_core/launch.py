@@ -97,7 +97,8 @@ def thread_env(cfg: FinetuneConfig) -> dict[str, str]:
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     if "wandb" in cfg.logging.report_to:
-        env.setdefault("WANDB_PROJECT", cfg.logging.wandb_project)
+        env["WANDB_PROJECT"] = cfg.logging.wandb_project
+        env["WANDB_DIR"] = str(Path(cfg.train.output_dir).resolve())
         env["WANDB_MODE"] = "online" if cfg.logging.wandb_mode == "online" and os.environ.get("WANDB_API_KEY") else "offline"
     return env
 
