@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint clean-venv
+.PHONY: install test lint run serve deploy clean-venv
+
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 install: $(STAMP)
 
@@ -30,6 +32,20 @@ lint: install
 
 test: install lint
 	$(VENV)/bin/pytest -q
+
+# The whole pipeline on the bundled demo: generated data, tiny model, 2 training processes, local
+# storage, an ephemeral Prefect server. Outputs go to runs/demo/.
+run: install
+	$(VENV)/bin/vlmft demo-data runs/demo/data
+	$(VENV)/bin/vlmft run --config configs/demo.yaml
+
+# A local Prefect server (SQLite, UI on http://127.0.0.1:4200) and a process worker; Ctrl-C stops both.
+serve: install
+	$(PY) -m deployments.serve
+
+# Register the deployments (finetune, retrain-nightly, merge) on the server of `make serve`.
+deploy: install
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(VENV)/bin/vlmft deploy --config deployments/finetune.yaml
 
 clean-venv:
 	rm -rf $(VENV)

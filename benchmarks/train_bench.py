@@ -26,9 +26,9 @@ WORK = Path("/tmp/vlm_train_bench")
 
 def batches(model_dir: Path, n: int, bs: int):
     sys.path.insert(0, str(ROOT / "tests"))
-    import datagen as D
     from transformers import AutoConfig, AutoTokenizer
 
+    import datagen as D
     from vlm_core.config import DataConfig
     from vlm_core.data.collator import Collator, model_inputs
     from vlm_core.data.preprocess import make_preprocessor

@@ -9,6 +9,7 @@ Prefect UI form and in the training subprocess. Subcommands import what they run
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -70,6 +71,41 @@ def _cmd_train(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
+    from flows.finetune import finetune
+
+    out = finetune(cfg)
+    t, d = out["train"], out["data"]
+    evals = [json.loads(x).get("eval_loss") for x in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e is not None]
+    print(f"\ndone: {d['train_samples']} train / {d['eval_samples']} eval samples ({d['rejected']} rejected) in {d['shards']}")
+    print(f"trained {t.get('global_step')} steps on {t.get('world_size')} rank(s); checkpoints in {cfg.train.output_dir}")
+    if evals:
+        print(f"eval loss: {evals[0]:.3f} at the start -> {evals[-1]:.3f} at the end")
+    if out["merged"]:
+        print(f"merged model: {out['merged'].get('uploaded_to') or out['merged']['out']}")
+    print(f"loss curve: {Path(cfg.train.output_dir) / 'loss_curve.png'}")
+    return 0
+
+
+def _cmd_deploy(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
+    from deployments.deploy import deploy_all
+
+    ids = deploy_all(cfg, pool=args.pool, cron=args.cron)
+    for name, dep_id in ids.items():
+        print(f"deployment {name}: {dep_id}")
+    print(f"start a worker with: prefect worker start --pool {args.pool}")
+    return 0
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from vlm_core.demo import write_demo_data
+
+    meta = write_demo_data(args.folder, n=args.samples, seed=args.seed)
+    print(f"demo data written; use data.meta={meta}")
+    return 0
+
+
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from vlm_core.model.tiny import build_tiny_model
 
@@ -91,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", parents=[common], help="merge a LoRA adapter into its base model, verified")
     p.add_argument("--adapter", help="adapter folder or URL (default: the run's newest complete checkpoint)")
     p.add_argument("--out", help="merged model folder (default: train.output_dir/merged)")
+    sub.add_parser("run", parents=[common], help="the whole pipeline: prepare, train, upload, merge, report")
+    p = sub.add_parser("deploy", parents=[common], help="register the deployments on the Prefect server")
+    p.add_argument("--pool", default="vlm-training", help="process work pool (created with concurrency 1)")
+    p.add_argument("--cron", default="0 3 * * *", help="schedule of the retrain-nightly deployment (UTC)")
+    p = sub.add_parser("demo-data", help="write the generated demo data set")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--samples", type=int, default=240)
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("tiny-model", help="write the tiny random InternVL used by tests and the demo")
     p.add_argument("folder", type=Path)
     p.add_argument("--seed", type=int, default=0)
@@ -102,8 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "tiny-model":
             return _cmd_tiny_model(args)
+        if args.command == "demo-data":
+            return _cmd_demo_data(args)
         cfg = load_config(args.config, args.overrides)
-        commands = {"config": _cmd_config, "prepare": _cmd_prepare, "train": _cmd_train, "merge": _cmd_merge}
+        commands = {"config": _cmd_config, "prepare": _cmd_prepare, "train": _cmd_train, "merge": _cmd_merge,
+                    "run": _cmd_run, "deploy": _cmd_deploy}
         return commands[args.command](cfg, args)
     except (ConfigError, PrepareError, StorageError, MergeVerificationError, ProcessFailed) as exc:
         print(f"vlmft: {exc}", file=sys.stderr)

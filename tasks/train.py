@@ -21,14 +21,18 @@ from tasks.storage import load_storage_credentials
 from vlm_core.checkpoints import CheckpointUploader, fetch_latest_checkpoint, latest_complete
 from vlm_core.config import FinetuneConfig, to_json
 from vlm_core.launch import check_run, command, thread_env
-from vlm_core.train import PROGRESS
+from vlm_core.train import PROGRESS, config_sha
 
 
 @task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def train_task(cfg: FinetuneConfig) -> dict:
     log = get_run_logger()
-    check_run(cfg)  # fails in a second, before any process starts
     out = Path(cfg.train.output_dir)
+    done = out / "run_summary.json"
+    if done.is_file() and json.loads(done.read_text()).get("config_sha") == config_sha(cfg):
+        log.info("%s already holds a finished run with this configuration: not training again", out)
+        return json.loads(done.read_text())
+    check_run(cfg)  # fails in a second, before any process starts
     out.mkdir(parents=True, exist_ok=True)
     if cfg.storage.url:
         load_storage_credentials(cfg)

@@ -217,6 +217,7 @@ class TrainConfig(_Section):
     save_total_limit: int | None = Field(3, ge=1, description="Checkpoints kept locally; null keeps all.")
     eval_steps: int = Field(500, ge=1, description="Evaluate on held-out shards every N steps.")
     logging_steps: int = Field(10, ge=1, description="Log metrics every N steps.")
+    eval_on_start: bool = Field(False, description="Evaluate once before the first step (the baseline eval loss).")
     resume_from: str = Field(
         "auto",
         description="'auto' resumes from the newest complete checkpoint (local or in storage), 'none' starts "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import random
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 CHECKSUMS = "SHA256SUMS.json"
 
@@ -136,7 +138,11 @@ def upload_folder(local: str | Path, url: str, workers: int = 8, retries: int = 
     if remote:  # the folder is about to change: it is not complete until the new manifest lands
         with_retries(lambda: fs.rm_file(f"{root}/{CHECKSUMS}"), url, "unmarking", retries)
 
+    local_target = isinstance(fs, LocalFileSystem)  # a local "bucket": folders must exist (object stores have none)
+
     def send(rel: str) -> int:
+        if local_target:
+            fs.makedirs(posixpath.dirname(f"{root}/{rel}"), exist_ok=True)
         with_retries(lambda: fs.put_file(str(local / rel), f"{root}/{rel}"), f"{url}/{rel}", "uploading to", retries)
         return files[rel]["size"]
 

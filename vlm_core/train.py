@@ -67,6 +67,14 @@ def resolve_resume(cfg) -> Path | None:
     return path
 
 
+def config_sha(cfg) -> str:
+    """What a finished run was trained with: data, model, LoRA and training settings."""
+    import hashlib
+
+    parts = {k: getattr(cfg, k).model_dump(mode="json") for k in ("data", "model", "lora", "train")}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
 def training_arguments(cfg, use_cpu: bool):
     from transformers import TrainingArguments
 
@@ -95,6 +103,7 @@ def training_arguments(cfg, use_cpu: bool):
         save_total_limit=t.save_total_limit,
         eval_strategy="steps",
         eval_steps=t.eval_steps,
+        eval_on_start=t.eval_on_start,
         report_to=list(cfg.logging.report_to) or "none",
         run_name=cfg.name,
         deepspeed=str(ds) if ds else None,
@@ -228,6 +237,7 @@ def run(cfg) -> dict:
     sample_log.close()
     history = trainer.state.log_history
     summary = {
+        "config_sha": config_sha(cfg),
         "world_size": targs.world_size,
         "global_step": trainer.state.global_step,
         "resumed_from": str(resume) if resume else None,

@@ -1,0 +1,101 @@
+"""The end-to-end pipeline: prepare → train → (checkpoints to storage) → merge → report.
+
+    vlmft run --config configs/demo.yaml          # what `make run` does, on the bundled demo
+    python -m flows.finetune --config configs/demo.yaml
+
+A failed run retried from the Prefect UI does not redo finished work: shards are skipped by their
+fingerprint, training resumes from its newest complete checkpoint (or is skipped when the run folder
+already holds a finished run of this configuration), uploads skip unchanged files and a merge of the
+same inputs is a no-op.
+
+`retrain` is the scheduled variant: it trains only when the data fingerprint differs from the one
+of the last successful retrain (kept in a Prefect Variable), and otherwise ends quickly, saying so.
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.variables import Variable
+
+from flows.merge import merge
+from flows.prepare_data import prepare_data
+from tasks.prepare import plan_task
+from tasks.train import train_task
+from vlm_core.checkpoints import run_url
+from vlm_core.config import FinetuneConfig
+from vlm_core.report import loss_curve_png, read_curves
+
+
+def report(cfg: FinetuneConfig, data: dict, trained: dict, merged: dict | None) -> None:
+    out = Path(cfg.train.output_dir)
+    curves = read_curves(out / "metrics.jsonl")
+    png = loss_curve_png(curves)
+    (out / "loss_curve.png").write_bytes(png)
+    create_markdown_artifact(
+        f"# Loss curve of `{cfg.name}`\n\n![loss and eval loss](data:image/png;base64,{base64.b64encode(png).decode()})\n\n"
+        f"Saved as `{out / 'loss_curve.png'}`.",
+        key="loss-curve", description="Training loss (blue) and eval loss (red) per step.",
+    )
+    evals = [v for _, v in curves["eval_loss"]]
+    metrics = {"train samples": data["train_samples"], "eval samples": data["eval_samples"],
+               "rejected samples": data["rejected"], "steps": trained.get("global_step"),
+               "ranks": trained.get("world_size"), "final train loss": trained.get("train_loss"),
+               "first eval loss": evals[0] if evals else None, "final eval loss": trained.get("final_eval_loss")}
+    create_table_artifact([{"metric": k, "value": v} for k, v in metrics.items()], key="final-metrics",
+                          description="Data, training and evaluation summary of the run.")
+    links = [f"- shards: `{cfg.data.shards}` (manifest.json, rejected.jsonl)", f"- run folder: `{out}`"]
+    if cfg.storage.url:
+        links.append(f"- checkpoints in storage: `{run_url(cfg.storage.url, cfg.name)}/checkpoint-N`")
+    if merged:
+        links.append(f"- merged model: `{merged.get('uploaded_to') or merged['out']}`")
+    create_markdown_artifact("# Outputs\n\n" + "\n".join(links) + "\n", key="run-outputs",
+                             description="Where this run's outputs are.")
+
+
+@flow(name="finetune")
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Prepare shards, train, upload checkpoints, merge the LoRA adapter, and report."""
+    data = prepare_data(cfg)
+    trained = train_task(cfg)  # called directly: a cancellation must reach the subprocess owner
+    merged = merge(cfg) if cfg.lora.enabled else None
+    report(cfg, data, trained, merged)
+    return {"data": data, "train": trained, "merged": merged}
+
+
+@flow(name="retrain")
+def retrain(cfg: FinetuneConfig) -> dict:
+    """Scheduled retraining: run `finetune` only when the data changed since the last successful retrain."""
+    log = get_run_logger()
+    plan = plan_task(cfg)
+    key = f"retrain-{cfg.name}".lower().replace(".", "-")
+    last = Variable.get(key, default=None)
+    if last == plan.fingerprint:
+        create_markdown_artifact(
+            f"# Nothing to retrain\n\nThe data of `{cfg.name}` is unchanged since the last successful retrain "
+            f"(fingerprint `{plan.fingerprint[:12]}`): no training was started.",
+            key="retrain-decision", description="Why this scheduled run did or did not train.",
+        )
+        log.info("data unchanged (fingerprint %s): skipping training", plan.fingerprint[:12])
+        return {"trained": False, "fingerprint": plan.fingerprint}
+    tag = plan.fingerprint[:8]
+    run_cfg = cfg.model_copy(update={"name": f"{cfg.name}-{tag}"})
+    run_cfg.train = cfg.train.model_copy(update={"output_dir": f"{cfg.train.output_dir.rstrip('/')}/{tag}"})
+    create_markdown_artifact(
+        f"# Retraining\n\nThe data of `{cfg.name}` changed (fingerprint `{plan.fingerprint[:12]}`, before "
+        f"`{(last or 'none')[:12]}`): training run `{run_cfg.name}`.",
+        key="retrain-decision", description="Why this scheduled run did or did not train.",
+    )
+    result = finetune(run_cfg)
+    Variable.set(key, plan.fingerprint, overwrite=True)
+    return {"trained": True, "fingerprint": plan.fingerprint, **result}
+
+
+if __name__ == "__main__":
+    from flows.cli import main
+
+    sys.exit(main(["run", *sys.argv[1:]]))
