@@ -18,7 +18,12 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.process import run_group
 from tasks.storage import load_storage_credentials
-from vlm_core.checkpoints import CheckpointUploader, fetch_latest_checkpoint, latest_complete
+from vlm_core.checkpoints import (
+    CheckpointUploader,
+    fetch_latest_checkpoint,
+    latest_complete,
+    upload_new_checkpoints,
+)
 from vlm_core.config import FinetuneConfig, to_json
 from vlm_core.launch import check_run, command, thread_env
 from vlm_core.train import PROGRESS, config_sha
@@ -31,6 +36,9 @@ def train_task(cfg: FinetuneConfig) -> dict:
     done = out / "run_summary.json"
     if done.is_file() and json.loads(done.read_text()).get("config_sha") == config_sha(cfg):
         log.info("%s already holds a finished run with this configuration: not training again", out)
+        if cfg.storage.url and cfg.storage.upload_checkpoints:  # a failed upload of that run is retried here
+            load_storage_credentials(cfg)
+            upload_new_checkpoints(out, cfg.storage.url, cfg.name)
         return json.loads(done.read_text())
     check_run(cfg)  # fails in a second, before any process starts
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,187 @@
+"""End to end against a real `prefect server start`, a real process worker and a real S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import s3fs
+
+from conftest import _free_port, flow_run_artifacts
+from deployments.deploy import deploy_all, start_worker
+from deployments.serve import start_server, stop, wait_healthy
+from tasks.process import process_tree
+from vlm_core.config import FinetuneConfig, load_config
+from vlm_core.demo import write_demo_data
+from vlm_core.storage import is_complete, list_complete
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory, s3_server):
+    """A real Prefect API server (SQLite) and a process worker on pool `e2e`, stopped by PID."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root = tmp_path_factory.mktemp("prefect")
+    port = _free_port()
+    server = start_server(root / "home", port, root / "server.log")
+    api = f"http://127.0.0.1:{port}/api"
+    saved = os.environ.get("PREFECT_API_URL")
+    worker = None
+    try:
+        wait_healthy(api, server)
+        os.environ["PREFECT_API_URL"] = api  # the worker and the flow runs it starts
+        os.environ["PREFECT_WORKER_QUERY_SECONDS"] = "1"
+        with temporary_settings({PREFECT_API_URL: api}):
+            from deployments.deploy import ensure_pool
+
+            ensure_pool("e2e")
+            worker = start_worker("e2e", root / "worker.log")
+            yield api
+    finally:
+        if worker:
+            stop(worker, second_sigint_after=2)
+        stop(server)
+        os.environ.pop("PREFECT_WORKER_QUERY_SECONDS", None)
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = saved
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, tiny_model_dir) -> dict:
+    root = tmp_path_factory.mktemp("e2e")
+    meta = write_demo_data(root / "data", n=36)
+    fs = s3fs.S3FileSystem()
+    if not fs.exists("e2e-bucket"):
+        fs.mkdir("e2e-bucket")
+    return {"root": root, "meta": meta, "model": tiny_model_dir}
+
+
+def _cfg(demo: dict, name: str, *extra: str) -> FinetuneConfig:
+    r = demo["root"]
+    return load_config(None, [
+        f"name={name}", f"data.meta={demo['meta']}", f"data.shards={r / name / 'shards'}", "data.eval_count=4",
+        "data.max_dynamic_patch=2", "data.num_workers=0", f"model.path={demo['model']}", "model.dtype=float32",
+        "lora.enabled=true", "lora.r=4", f"train.output_dir={r / name / 'train'}", "train.max_steps=4",
+        "train.per_device_batch_size=2", "train.learning_rate=2e-3", "train.bf16=false", "train.save_steps=2",
+        "train.eval_steps=2", "train.logging_steps=1", "train.launcher=python", "train.deepspeed=none",
+        "storage.url=s3://e2e-bucket", "logging.report_to=[]", *extra])
+
+
+def _call(method: str, url: str, **kw) -> httpx.Response:
+    """A REST call that retries the 503s a SQLite-backed Prefect server answers under load."""
+    for attempt in range(20):
+        r = httpx.request(method, url, timeout=30, **kw)
+        if r.status_code != 503:
+            return r
+        time.sleep(0.5 * (attempt + 1))
+    return r
+
+
+def _wait(api: str, run_id: str, timeout: float = 400) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        fr = _call("GET", f"{api}/flow_runs/{run_id}").json()
+        if fr["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return fr
+        time.sleep(0.5)
+    raise TimeoutError(f"flow run {run_id} did not finish in {timeout} s")
+
+
+def _trigger(api: str, dep_id: str, cfg: FinetuneConfig) -> str:
+    """The REST call the UI's Run button makes."""
+    r = _call("POST", f"{api}/deployments/{dep_id}/create_flow_run",
+              json={"parameters": {"cfg": cfg.model_dump(mode="json")}, "state": {"type": "SCHEDULED"}})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def test_ui_triggered_deployment_runs_the_whole_pipeline(prefect_api, demo):
+    cfg = _cfg(demo, "ui-run")
+    ids = deploy_all(cfg, pool="e2e")
+    dep = _call("GET", f"{prefect_api}/deployments/{ids['finetune']}").json()
+    props = dep["parameter_openapi_schema"]["definitions"]["TrainConfig"]["properties"]
+    assert props["deepspeed"]["enum"] == ["none", "zero1", "zero2", "zero3", "zero3_offload"]
+    assert "Peak learning rate" in props["learning_rate"]["description"]
+    run = _trigger(prefect_api, ids["finetune"], cfg)
+    fr = _wait(prefect_api, run)
+    assert fr["state"]["type"] == "COMPLETED", fr["state"]
+    # every output exists: shards + manifest locally, checkpoints and the merged model in storage
+    assert (Path(cfg.data.shards) / "manifest.json").is_file()
+    assert list_complete("s3://e2e-bucket/runs/ui-run", "checkpoint-") == ["checkpoint-2", "checkpoint-4"]
+    assert is_complete("s3://e2e-bucket/runs/ui-run/merged")
+    arts = flow_run_artifacts(run)
+    assert {"loss-curve", "final-metrics", "run-outputs"} <= set(arts)
+    metrics = {r["metric"]: r["value"] for r in json.loads(arts["final-metrics"].data)}
+    assert metrics["steps"] == 4 and metrics["train samples"] == 32
+    assert "s3://e2e-bucket/runs/ui-run/merged" in arts["run-outputs"].data
+
+    bad = _call("POST", f"{prefect_api}/deployments/{ids['finetune']}/create_flow_run",
+                json={"parameters": {"cfg": {**cfg.model_dump(mode="json"), "train": {"deepspeed": "zero9"}}}})
+    assert bad.status_code == 409 and "deepspeed" in bad.text
+
+
+def test_cancelling_a_training_run_leaves_no_process(prefect_api, demo):
+    cfg = _cfg(demo, "cancel", "train.max_steps=5000", "train.save_steps=10000", "train.eval_steps=10000")
+    ids = deploy_all(cfg, pool="e2e")
+    run = _trigger(prefect_api, ids["finetune"], cfg)
+    pid_file = Path(cfg.train.output_dir) / "train.pid"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (Path(cfg.train.output_dir) / "metrics.jsonl").exists():
+        assert _call("GET", f"{prefect_api}/flow_runs/{run}").json()["state"]["type"] in ("SCHEDULED", "PENDING", "RUNNING")
+        time.sleep(0.5)
+    tree = process_tree(int(pid_file.read_text()))
+    assert any("vlm_core.train" in " ".join(p.cmdline()) for p in tree)
+    _call("POST", f"{prefect_api}/flow_runs/{run}/set_state",
+          json={"state": {"type": "CANCELLING"}, "force": True}).raise_for_status()
+    assert _wait(prefect_api, run, 120)["state"]["type"] == "CANCELLED"
+    _, alive = psutil.wait_procs(tree, timeout=20)
+    assert alive == [], f"training processes survived: {[p.pid for p in alive]}"
+
+
+def test_scheduled_retrain_trains_only_when_data_changed(prefect_api, demo):
+    from vlm_core.demo import write_demo_data
+
+    data = demo["root"] / "retrain-data"
+    meta = write_demo_data(data, n=24)
+    cfg = _cfg(demo, "nightly", f"data.meta={meta}", "train.max_steps=2", "lora.enabled=false")
+    ids = deploy_all(cfg, pool="e2e", cron="30 2 * * *")
+    dep = _call("GET", f"{prefect_api}/deployments/{ids['retrain-nightly']}").json()
+    assert dep["schedules"][0]["schedule"]["cron"] == "30 2 * * *" and dep["schedules"][0]["active"]
+
+    decisions = []
+    for change in (False, False, True):
+        if change:
+            with open(data / "demo.jsonl", "a") as f:
+                f.write(json.dumps({"id": "new", "conversations": [{"from": "human", "value": "Say red."},
+                                                                   {"from": "gpt", "value": "red."}]}) + "\n")
+        run = _trigger(prefect_api, ids["retrain-nightly"], cfg)
+        assert _wait(prefect_api, run)["state"]["type"] == "COMPLETED"
+        decisions.append(flow_run_artifacts(run)["retrain-decision"].data)
+    assert decisions[0].startswith("# Retraining") and decisions[1].startswith("# Nothing to retrain")
+    assert decisions[2].startswith("# Retraining")
+    trained = [p for p in (Path(cfg.train.output_dir)).iterdir() if (p / "run_summary.json").exists()]
+    assert len(trained) == 2  # one run folder per data fingerprint
+
+
+def test_failed_after_training_then_retried_does_not_train_again(prefect_server, demo):
+    from flows.finetune import finetune
+
+    cfg = _cfg(demo, "retry", "storage.url=s3://retry-bucket")  # the bucket does not exist yet: uploads fail
+    state = finetune(cfg, return_state=True)
+    assert state.type.value == "FAILED" and "retry-bucket" in str(state.message)
+    summary = Path(cfg.train.output_dir) / "run_summary.json"
+    first = summary.read_text()
+    s3fs.S3FileSystem().mkdir("retry-bucket")
+    out = finetune(cfg)  # the retry
+    assert summary.read_text() == first
+    launches = [x for x in (Path(cfg.train.output_dir) / "train.log").read_text().splitlines() if x.startswith("$ ")]
+    assert len(launches) == 1  # training ran once
+    assert list_complete("s3://retry-bucket/runs/retry", "checkpoint-") == ["checkpoint-2", "checkpoint-4"]
+    assert out["merged"]["uploaded_to"] == "s3://retry-bucket/runs/retry/merged"
