@@ -122,3 +122,33 @@ def test_lora_and_empty_folders_get_a_clear_error(tiny_model_dir, tmp_path):
     with pytest.raises(CheckpointError, match="no such folder"):
         consolidate_checkpoint(tmp_path / "missing", _mc(tiny_model_dir), tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_merge_flow_consolidates_a_full_finetune_and_uploads_it(prefect_server, s3_server, zero3_run,
+                                                                tiny_model_dir, tmp_path):
+    import s3fs
+
+    from conftest import flow_run_artifacts
+    from flows.merge import merge
+    from vlm_core.config import load_config
+    from vlm_core.storage import download_folder, is_complete
+
+    fs = s3fs.S3FileSystem()
+    if not fs.exists("full-bucket"):
+        fs.mkdir("full-bucket")
+    train = tmp_path / "train"
+    shutil.copytree(zero3_run / "checkpoint-3", train / "checkpoint-3")
+    shutil.copytree(zero3_run / "checkpoint-3", train / "checkpoint-9", ignore=shutil.ignore_patterns(COMPLETE_MARKER))
+    cfg = load_config(None, ["name=full-run", f"model.path={tiny_model_dir}", "model.dtype=float32",
+                             "lora.enabled=false", f"train.output_dir={train}", "storage.url=s3://full-bucket"])
+    state = merge(cfg, return_state=True)
+    result = state.result()
+    # checkpoint-9 is newer but incomplete (no marker): the newest *complete* one is consolidated
+    assert result["source"] == "zero" and not result["skipped"]
+    assert result["uploaded_to"] == "s3://full-bucket/runs/full-run/merged"
+    assert is_complete("s3://full-bucket/runs/full-run/merged")
+    assert "checkpoint-3" in flow_run_artifacts(state.state_details.flow_run_id)["merged-model"].data
+    download_folder("s3://full-bucket/runs/full-run/merged", tmp_path / "back")
+    trained, got = _weights(zero3_run / "final"), _weights(tmp_path / "back")
+    assert all(torch.equal(got[k], trained[k]) for k in trained)
+    assert merge(cfg)["skipped"] is True
