@@ -1,6 +1,6 @@
 """Checkpoint sync vs plain boto3, and LoRA merge vs a plain load + save, side by side.
 
-    .venv/bin/python benchmarks/storage_bench.py [--mb 240] [--repeats 2] [--skip-storage] [--skip-merge] [--json out.json]
+    .venv/bin/python benchmarks/storage_bench.py [--mb 240] [--repeats 3] [--skip-storage] [--skip-merge] [--json out.json]
 
 Storage: a checkpoint-like folder (model.safetensors, two ZeRO optimizer shards, model states, a
 tokenizer and a few small json/pt files; random bytes, --mb in all) is uploaded and downloaded with
@@ -170,7 +170,7 @@ def build_bigger_model(folder: Path) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def build_adapter(base: Path, folder: Path) -> None:
+def build_adapter(base: str | Path, folder: str | Path, model_bytes: int) -> None:
     """A LoRA adapter (r=16) on the language model's projections, with non-zero B so it changes the model."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -186,10 +186,13 @@ def build_adapter(base: Path, folder: Path) -> None:
             if "lora_B" in name:
                 p.normal_(0, 0.01)
     peft_model.save_pretrained(folder)
+    (Path(folder) / "model_bytes.txt").write_text(str(model_bytes))
 
 
 def child(mode: str, base: str, adapter: str, out: str) -> None:
     """Runs in a fresh process: import everything, then time the work alone; print one JSON line."""
+    import importlib.util
+
     import peft  # noqa: F401  (imported before timing in both modes: the comparison is of work, not imports)
     import torch
     from transformers import AutoTokenizer, InternVLForConditionalGeneration  # noqa: F401
@@ -197,22 +200,32 @@ def child(mode: str, base: str, adapter: str, out: str) -> None:
     from vlm_core.config import ModelConfig
     from vlm_core.merge import merge_lora
 
+    if importlib.util.find_spec("deepspeed"):  # save_pretrained's unwrap imports it lazily (~0.5 s), in both modes
+        import deepspeed  # noqa: F401
     after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
+    if mode == "build":
+        build_adapter(base, adapter, build_bigger_model(Path(base)))
+        return
     if mode == "merge":
         merge_lora(ModelConfig(path=base, dtype="float32"), adapter, out)
     else:
         InternVLForConditionalGeneration.from_pretrained(base, dtype=torch.float32).save_pretrained(out)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print("RESULT " + json.dumps({"seconds": seconds, "peak_kb": peak, "imports_kb": after_imports}))
+    hwm = int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1])  # cross-check
+    print("RESULT " + json.dumps({"seconds": seconds, "peak_kb": peak, "imports_kb": after_imports, "hwm_kb": hwm}))
 
 
 def bench_merge(work: Path, repeats: int) -> list[dict]:
     base, adapter = work / "bigger-internvl", work / "adapter"
-    model_bytes = build_bigger_model(base)
-    build_adapter(base, adapter)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    # Built in a child too: Linux carries a parent's RSS into a spawned child's ru_maxrss, so this
+    # process must stay smaller than a child's own import footprint (checked below).
+    subprocess.run([sys.executable, __file__, "--child", "build", str(base), str(adapter), "-"], check=True,
+                   capture_output=True, env=env, timeout=600)
+    model_bytes = int((adapter / "model_bytes.txt").read_text())
+    parent_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     best: dict[str, dict] = {}
     for r in range(repeats):
         for mode in ("merge", "plain") if r % 2 == 0 else ("plain", "merge"):
@@ -223,6 +236,9 @@ def bench_merge(work: Path, repeats: int) -> list[dict]:
             if res.returncode != 0 or line is None:
                 raise RuntimeError(f"{mode} child failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
             got = json.loads(line[7:])
+            if got["imports_kb"] <= parent_kb:
+                raise RuntimeError(f"the parent's peak RSS ({parent_kb} kB) would mask the child's; run with "
+                                   "--skip-storage or fewer --mb")
             if mode not in best or got["seconds"] < best[mode]["seconds"]:
                 best[mode] = got
             shutil.rmtree(out, ignore_errors=True)
@@ -231,7 +247,7 @@ def bench_merge(work: Path, repeats: int) -> list[dict]:
                         ("plain", "from_pretrained + save_pretrained")):
         b = best[mode]
         peak, added = b["peak_kb"] * 1024, (b["peak_kb"] - b["imports_kb"]) * 1024
-        rows.append({"variant": label, "seconds": round(b["seconds"], 2),
+        rows.append({"variant": label, "seconds": round(b["seconds"], 2), "vm_hwm_MB": round(b["hwm_kb"] / 1024),
                      "time_ratio": round(b["seconds"] / best["plain"]["seconds"], 2),
                      "peak_rss_MB": round(peak / MB), "peak_rss_x_model": round(peak / model_bytes, 2),
                      "rss_added_MB": round(added / MB), "rss_added_x_model": round(added / model_bytes, 2),
@@ -243,7 +259,7 @@ def bench_merge(work: Path, repeats: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=int, default=240, help="size of the checkpoint-like folder in MiB")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-storage", action="store_true")
     ap.add_argument("--skip-merge", action="store_true")
     ap.add_argument("--json", type=Path)
@@ -255,6 +271,9 @@ def main() -> None:
     results: dict[str, list] = {}
     with tempfile.TemporaryDirectory(prefix="storage-bench-") as tmp:
         work = Path(tmp)
+        # Merge first: its children must start from a small parent (see bench_merge).
+        if not args.skip_merge:
+            results["merge"] = bench_merge(work, args.repeats)
         if not args.skip_storage:
             moto, _ = start_moto()
             try:
@@ -264,8 +283,7 @@ def main() -> None:
             print("| operation | client | seconds | MB/s | ÷ boto3 |\n|---|---|---|---|---|")
             for r in results["storage"]:
                 print(f"| {r['op']} | {r['client']} | {r['seconds']} | {r['MB_s']} | {r['ratio_vs_boto3']}× |")
-        if not args.skip_merge:
-            results["merge"] = bench_merge(work, args.repeats)
+        if "merge" in results:
             print("\n| variant | seconds | ÷ plain | peak RSS MB | ÷ model | added by the work MB | ÷ model |\n"
                   "|---|---|---|---|---|---|---|")
             for r in results["merge"]:
