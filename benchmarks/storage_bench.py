@@ -142,7 +142,7 @@ def bench_storage(work: Path, total_mb: int, repeats: int) -> list[dict]:
         ref = best[(op, "boto3 TransferManager")]
         for name in ("vlm_core.storage", "boto3 TransferManager"):
             t = best[(op, name)]
-            rows.append({"op": op, "client": name, "seconds": round(t, 2), "MB_s": round(nbytes / MB / t, 1),
+            rows.append({"op": op, "client": name, "seconds": round(t, 2), "MiB_s": round(nbytes / MB / t, 1),
                          "ratio_vs_boto3": round(ref / t, 2), "files": len(files), "MiB": round(nbytes / MB, 1)})
     return rows
 
@@ -280,9 +280,9 @@ def main() -> None:
                 results["storage"] = bench_storage(work, args.mb, args.repeats)
             finally:
                 stop_moto(moto)
-            print("| operation | client | seconds | MB/s | ÷ boto3 |\n|---|---|---|---|---|")
+            print("| operation | client | seconds | MiB/s | ÷ boto3 |\n|---|---|---|---|---|")
             for r in results["storage"]:
-                print(f"| {r['op']} | {r['client']} | {r['seconds']} | {r['MB_s']} | {r['ratio_vs_boto3']}× |")
+                print(f"| {r['op']} | {r['client']} | {r['seconds']} | {r['MiB_s']} | {r['ratio_vs_boto3']}× |")
         if "merge" in results:
             print("\n| variant | seconds | ÷ plain | peak RSS MB | ÷ model | added by the work MB | ÷ model |\n"
                   "|---|---|---|---|---|---|---|")
