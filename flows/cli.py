@@ -124,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-runner", choices=["threads", "dask"], default="threads",
                    help="where shard groups run: the default thread pool, or a local Dask cluster")
     sub.add_parser("train", parents=[common], help="train on prepared shards (torchrun / deepspeed subprocess)")
-    p = sub.add_parser("merge", parents=[common], help="merge a LoRA adapter into its base model, verified")
-    p.add_argument("--adapter", help="adapter folder or URL (default: the run's newest complete checkpoint)")
+    p = sub.add_parser("merge", parents=[common], help="merge a LoRA adapter into its base model (or consolidate a full "
+                       "fine-tune's ZeRO-3 checkpoint), verified")
+    p.add_argument("--adapter", help="checkpoint folder or URL: a LoRA adapter, or a full fine-tune's "
+                   "checkpoint when lora.enabled=false (default: the run's newest complete checkpoint)")
     p.add_argument("--out", help="merged model folder (default: train.output_dir/merged)")
     sub.add_parser("run", parents=[common], help="the whole pipeline: prepare, train, upload, merge, report")
     p = sub.add_parser("deploy", parents=[common], help="register the deployments on the Prefect server")

@@ -1,8 +1,11 @@
-"""Flow: LoRA adapter + base model → verified merged model, uploaded next to the run's checkpoints.
+"""Flow: a run's checkpoint → verified plain-transformers model, uploaded next to the run's checkpoints.
 
     vlmft merge --config configs/lora.yaml [--adapter PATH_OR_URL] [--out DIR]
 
-Without --adapter the newest complete checkpoint of the run is used: in train.output_dir, else in
+With lora.enabled the checkpoint's LoRA adapter is merged into the base model; for a full fine-tune
+the checkpoint itself is consolidated (ZeRO-3 shards gathered into safetensors, or full weights
+re-saved) with the base model's config, tokenizer and processor files. Without --adapter the newest
+complete checkpoint of the run is used: in train.output_dir, else in
 {storage.url}/runs/{name}/. The merged folder goes to train.output_dir/merged and, with storage.url,
 to {storage.url}/runs/{name}/merged.
 """
@@ -15,7 +18,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.merge import merge_task
+from tasks.merge import consolidate_task, merge_task
 from tasks.storage import load_storage_credentials, upload_folder_task
 from vlm_core.checkpoints import latest_complete, run_url
 from vlm_core.config import ConfigError, FinetuneConfig
@@ -23,6 +26,7 @@ from vlm_core.storage import list_complete
 
 
 def newest_adapter(cfg: FinetuneConfig) -> str:
+    """The newest complete checkpoint of the run (a LoRA adapter, or a full fine-tune's checkpoint)."""
     local = latest_complete(cfg.train.output_dir)
     if local is not None:
         return str(local)
@@ -40,21 +44,20 @@ def newest_adapter(cfg: FinetuneConfig) -> str:
 
 @flow(name="merge")
 def merge(cfg: FinetuneConfig, adapter: str | None = None, out: str | None = None) -> dict:
-    """Merge the run's LoRA adapter into its base model, verify it, publish it."""
-    if not cfg.lora.enabled:
-        raise ConfigError("lora.enabled is false: a full fine-tune's checkpoints are already whole models")
+    """Merge the run's LoRA adapter into its base model (or consolidate a full fine-tune), verify, publish."""
     adapter = adapter or newest_adapter(cfg)
     out = out or str(Path(cfg.train.output_dir) / "merged")
-    result = merge_task(cfg, adapter, out)
+    result = merge_task(cfg, adapter, out) if cfg.lora.enabled else consolidate_task(cfg, adapter, out)
     if cfg.storage.url:
         result["uploaded_to"] = upload_folder_task(cfg, out, f"{run_url(cfg.storage.url, cfg.name)}/merged")["url"]
     create_markdown_artifact(
-        f"# Merged model\n\n- adapter: `{adapter}`\n- merged: `{out}`\n"
+        f"# Merged model\n\n- {'adapter' if cfg.lora.enabled else 'checkpoint'}: `{adapter}` ({result['source']})\n"
+        f"- merged: `{out}`\n"
         + (f"- in storage: `{result['uploaded_to']}`\n" if "uploaded_to" in result else "")
         + f"- verification: max |Δlogit| {result['max_abs_diff']:.3g} ({result['relative_diff']:.3g} relative, "
-        f"tolerance {result['tolerance']:g})\n",
+        f"tolerance {result['tolerance']:g}; reloaded weights bit-identical)\n",
         key="merged-model",
-        description="Where the merged model is and how well it reproduces base + adapter.",
+        description="Where the merged model is and how well it reproduces its checkpoint.",
     )
     return result
 

@@ -1,4 +1,5 @@
-"""Prefect task: merge a LoRA adapter into its base model (vlm_core.merge), verified before publishing."""
+"""Prefect tasks: merge a LoRA adapter into its base model, or consolidate a full fine-tune's (ZeRO-3)
+checkpoint into a plain model folder (vlm_core.merge); both verified before publishing."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.storage import load_storage_credentials
 from vlm_core.config import FinetuneConfig
-from vlm_core.merge import merge_lora
+from vlm_core.merge import consolidate_checkpoint, merge_lora
 
 
 @task(name="merge-lora", cache_policy=NO_CACHE)
@@ -22,4 +23,17 @@ def merge_task(cfg: FinetuneConfig, adapter: str, out: str) -> dict:
     else:
         log.info("merged %s into %s: max |Δlogit| %.3g (%.3g relative, tolerance %g)", adapter, out,
                  report.max_abs_diff, report.relative_diff, report.tolerance)
+    return asdict(report)
+
+
+@task(name="consolidate-checkpoint", cache_policy=NO_CACHE)
+def consolidate_task(cfg: FinetuneConfig, checkpoint: str, out: str) -> dict:
+    load_storage_credentials(cfg)
+    report = consolidate_checkpoint(checkpoint, cfg.model, out)
+    log = get_run_logger()
+    if report.skipped:
+        log.info("%s already holds this checkpoint (fingerprint %s): nothing to do", out, report.fingerprint[:12])
+    else:
+        log.info("consolidated %s (%s) into %s: max |Δlogit| after reload %.3g", checkpoint, report.source, out,
+                 report.max_abs_diff)
     return asdict(report)

@@ -19,6 +19,7 @@ import json
 import os
 import posixpath
 import random
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -54,15 +55,16 @@ def sha256_file(path: Path, chunk: int = 4 << 20) -> str:
     return h.hexdigest()
 
 
+def _local_files(folder: Path) -> list[str]:
+    """Relative posix paths of every file under `folder` except the manifest, sorted."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.relative_to(folder).as_posix() != CHECKSUMS)
+
+
 def local_checksums(folder: Path) -> dict[str, dict]:
     """{relative posix path: {size, sha256}} for every file under `folder` (sorted, deterministic)."""
-    out = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        if rel == CHECKSUMS:
-            continue
-        out[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-    return out
+    return {rel: {"size": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)}
+            for rel in _local_files(folder)}
 
 
 def _fs(url: str):
@@ -124,33 +126,55 @@ def is_complete(url: str) -> bool:
 
 
 def upload_folder(local: str | Path, url: str, workers: int = 8, retries: int = 4) -> SyncReport:
-    """Upload `local` to `url`; unchanged files are skipped; the checksum manifest is written last."""
+    """Upload `local` to `url`; unchanged files are skipped; the checksum manifest is written last.
+
+    Each worker hashes its file and uploads it at once when it differs from the stored manifest, so
+    hashing overlaps the network instead of preceding it (hashing a multi-GB checkpoint first would
+    delay the first byte by seconds; hashlib releases the GIL, so threads hash in parallel too).
+    """
     local = Path(local)
     if not local.is_dir():
         raise StorageError(f"cannot upload {local}: not a folder")
     fs, root = _fs(url)
-    files = local_checksums(local)
+    rels = _local_files(local)
     remote = with_retries(lambda: read_remote_checksums(url), url, "checking", retries) or {}
-    todo = [rel for rel, info in files.items() if remote.get(rel) != info]
-    report = SyncReport(url, files_skipped=len(files) - len(todo), files=files)
-    if not todo and remote.keys() == files.keys():
-        return report
-    if remote:  # the folder is about to change: it is not complete until the new manifest lands
-        with_retries(lambda: fs.rm_file(f"{root}/{CHECKSUMS}"), url, "unmarking", retries)
+    files: dict[str, dict] = {}
+    unmark = threading.Lock()
+    unmarked = [not remote]  # nothing to unmark when no manifest is there
 
     local_target = isinstance(fs, LocalFileSystem)  # a local "bucket": folders must exist (object stores have none)
 
-    def send(rel: str) -> int:
+    def send(rel: str) -> int | None:
+        path = local / rel
+        info = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        files[rel] = info
+        if remote.get(rel) == info:
+            return None
         if local_target:
             fs.makedirs(posixpath.dirname(f"{root}/{rel}"), exist_ok=True)
-        with_retries(lambda: fs.put_file(str(local / rel), f"{root}/{rel}"), f"{url}/{rel}", "uploading to", retries)
-        return files[rel]["size"]
+        with unmark:  # the folder is about to change: it is not complete until the new manifest lands
+            if not unmarked[0]:
+                with_retries(lambda: fs.rm_file(f"{root}/{CHECKSUMS}"), url, "unmarking", retries)
+                unmarked[0] = True
+        with_retries(lambda: fs.put_file(str(path), f"{root}/{rel}"), f"{url}/{rel}", "uploading to", retries)
+        return info["size"]
 
+    report = SyncReport(url)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for size in pool.map(send, todo):
-            report.files_sent += 1
-            report.bytes_sent += size
-    manifest = json.dumps({"files": files}, indent=1, sort_keys=True).encode()
+        for size in pool.map(send, rels):
+            if size is None:
+                report.files_skipped += 1
+            else:
+                report.files_sent += 1
+                report.bytes_sent += size
+    report.files = {rel: files[rel] for rel in rels}
+    if report.files_sent == 0 and remote.keys() == report.files.keys():
+        return report
+    if not unmarked[0]:  # only deletions: unmark before the manifest changes too
+        with_retries(lambda: fs.rm_file(f"{root}/{CHECKSUMS}"), url, "unmarking", retries)
+    manifest = json.dumps({"files": report.files}, indent=1, sort_keys=True).encode()
+    if local_target:
+        fs.makedirs(root, exist_ok=True)
     with_retries(lambda: fs.pipe_file(f"{root}/{CHECKSUMS}", manifest), url, "marking complete", retries)
     return report
 
