@@ -59,10 +59,10 @@ def report(cfg: FinetuneConfig, data: dict, trained: dict, merged: dict | None) 
 
 @flow(name="finetune")
 def finetune(cfg: FinetuneConfig) -> dict:
-    """Prepare shards, train, upload checkpoints, merge the LoRA adapter, and report."""
+    """Prepare shards, train, upload checkpoints, publish the merged (or consolidated) model, and report."""
     data = prepare_data(cfg)
     trained = train_task(cfg)  # called directly: a cancellation must reach the subprocess owner
-    merged = merge(cfg) if cfg.lora.enabled else None
+    merged = merge(cfg)  # LoRA: adapter merged into the base; full fine-tune: checkpoint consolidated
     report(cfg, data, trained, merged)
     return {"data": data, "train": trained, "merged": merged}
 
