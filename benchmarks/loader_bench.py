@@ -18,14 +18,12 @@ import io
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import start_moto  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from PIL import Image
 
 
@@ -93,29 +91,6 @@ def write_shards(folder: Path, records: list[dict], per_shard: int) -> None:
                                sha256=hashlib.sha256(blob).hexdigest()))
     split = SplitInfo(shards=infos, samples=len(records), bytes=sum(i.bytes for i in infos))
     (folder / MANIFEST_NAME).write_text(Manifest(fingerprint="bench", train=split).model_dump_json(indent=2))
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("moto_server did not start") from None
-            time.sleep(0.2)
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
-                       "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"})
-    return proc, endpoint
 
 
 def run_epoch(loader) -> tuple[float, int, int]:

@@ -148,13 +148,9 @@ def main() -> None:
               "", "Reproduce: `.venv/bin/python benchmarks/prepare_bench.py --write-readme`", ""]
     print("\n".join(lines))
     if args.write_readme:
-        readme = ROOT / "benchmarks" / "README.md"
-        text = readme.read_text() if readme.exists() else "# Benchmarks\n\nSide-by-side measurements; each section says how to reproduce it.\n\n"
-        start = text.find("## Shard preparation")
-        if start >= 0:
-            end = text.find("\n## ", start + 1)
-            text = text[:start] + text[end + 1 if end >= 0 else len(text):]
-        readme.write_text(text.rstrip("\n") + "\n\n" + "\n".join(lines))
+        from common import write_section
+
+        write_section("## Shard preparation", lines)
 
 
 if __name__ == "__main__":

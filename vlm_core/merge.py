@@ -140,6 +140,22 @@ def verify_merged(base_path: str | Path, adapter: str | Path, merged: str | Path
     return report
 
 
+def _dtype_and_tolerance(base_cfg: dict, dtype: str, tolerance: float | None) -> tuple[str, float]:
+    """'auto' keeps the base checkpoint's dtype; the default tolerance follows the dtype."""
+    if dtype == "auto":
+        dtype = base_cfg.get("dtype") or base_cfg.get("torch_dtype") or "float32"
+    return dtype, DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
+
+
+def _already_published(out: Path, fp: str) -> MergeReport | None:
+    """The report of an earlier publish of the same inputs to `out`, if there was one."""
+    if (out / MERGE_INFO).is_file():
+        info = json.loads((out / MERGE_INFO).read_text())
+        if info.get("fingerprint") == fp:
+            return MergeReport(**{**info, "skipped": True})
+    return None
+
+
 def merge_lora(
     model: ModelConfig, adapter: str, out: str | Path, dtype: str = "auto", tolerance: float | None = None
 ) -> MergeReport:
@@ -150,15 +166,11 @@ def merge_lora(
     base_path = resolve_model_path(model)
     base_cfg = check_model_folder(base_path, model.trust_remote_code)
     adapter_path = _local_adapter(adapter, model.cache_dir)
-    if dtype == "auto":
-        dtype = base_cfg.get("dtype") or base_cfg.get("torch_dtype") or "float32"
-    tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
+    dtype, tolerance = _dtype_and_tolerance(base_cfg, dtype, tolerance)
     out = Path(out)
     fp = fingerprint(base_path, adapter_path, dtype)
-    if (out / MERGE_INFO).is_file():
-        info = json.loads((out / MERGE_INFO).read_text())
-        if info.get("fingerprint") == fp:
-            return MergeReport(**{**info, "skipped": True})
+    if (done := _already_published(out, fp)) is not None:
+        return done
 
     tok = AutoTokenizer.from_pretrained(base_path)
     base = InternVLForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
@@ -349,15 +361,11 @@ def consolidate_checkpoint(
             f"checkpoint {checkpoint_dir} is a LoRA checkpoint ({', '.join(adapter)}): merge it into the base "
             "model with merge_lora (lora.enabled=true) instead of consolidating it"
         )
-    if dtype == "auto":
-        dtype = base_cfg.get("dtype") or base_cfg.get("torch_dtype") or "float32"
-    tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
+    dtype, tolerance = _dtype_and_tolerance(base_cfg, dtype, tolerance)
     out = Path(out)
     fp = checkpoint_fingerprint(base_path, folder, dtype)
-    if (out / MERGE_INFO).is_file():
-        info = json.loads((out / MERGE_INFO).read_text())
-        if info.get("fingerprint") == fp:
-            return MergeReport(**{**info, "skipped": True})
+    if (done := _already_published(out, fp)) is not None:
+        return done
 
     config = AutoConfig.from_pretrained(base_path)
     full, why = _full_weights_model(folder, config)
