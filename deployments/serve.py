@@ -22,6 +22,7 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 
 def start_server(home: Path, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",  # else the UI's requests go astray
            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/server.db"}
     env.pop("PREFECT_API_URL", None)
     home.mkdir(parents=True, exist_ok=True)
@@ -67,12 +68,16 @@ def main(port: int = 4200, pool: str = DEFAULT_POOL) -> None:
     worker = None
     try:
         wait_healthy(api, server)
-        os.environ["PREFECT_API_URL"] = api
-        ensure_pool(pool)
+        os.environ["PREFECT_API_URL"] = api  # for the worker process
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: api}):  # settings are read at import: set them here too
+            ensure_pool(pool)
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", pool], env={**os.environ},
                                   start_new_session=True)
         print(f"Prefect UI: http://127.0.0.1:{port}   API: {api}   worker on pool {pool!r}. Ctrl-C stops both.")
         print(f"Register deployments with: PREFECT_API_URL={api} make deploy")
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while server.poll() is None and worker.poll() is None:
             time.sleep(1)
