@@ -71,11 +71,6 @@ def check_run(cfg: FinetuneConfig) -> None:
             f"train.launcher=python starts one process but train.nproc_per_node x train.nnodes = {world_size(cfg)}; "
             "use train.launcher=torchrun or deepspeed"
         )
-    if t.deepspeed == "zero3" and cfg.lora.enabled and cfg.model.gradient_checkpointing and not torch.cuda.is_available():
-        raise ConfigError(
-            "train.deepspeed=zero3 with LoRA and model.gradient_checkpointing is not supported on CPU here; "
-            "turn off model.gradient_checkpointing or use train.deepspeed=zero2"
-        )
     manifest = read_manifest(cfg.data.shards)
     if manifest is None:
         raise ConfigError(
