@@ -138,8 +138,9 @@ def build_trainer(cfg, targs, model, tokenizer, resume: Path | None):
     if manifest.eval.samples:
         eval_stream = ShardStream.from_folder(cfg.data.shards, preprocess, collate, "eval", shuffle_buffer=0,
                                               shuffle_shards=False, **stream_kw)
-    else:
+    else:  # no held-out shards: nothing to evaluate on
         targs.eval_strategy = "no"
+        targs.eval_on_start = False
     if resume is not None:
         step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
         train_stream.load_state(train_stream.state_after(step * targs.gradient_accumulation_steps))
