@@ -33,13 +33,14 @@ from vlm_core.train import PROGRESS, config_sha
 def train_task(cfg: FinetuneConfig) -> dict:
     log = get_run_logger()
     out = Path(cfg.train.output_dir)
-    done = out / "run_summary.json"
-    if done.is_file() and json.loads(done.read_text()).get("config_sha") == config_sha(cfg):
+    done_file = out / "run_summary.json"
+    done = json.loads(done_file.read_text()) if done_file.is_file() else {}
+    if done.get("config_sha") == config_sha(cfg):
         log.info("%s already holds a finished run with this configuration: not training again", out)
         if cfg.storage.url and cfg.storage.upload_checkpoints:  # a failed upload of that run is retried here
             load_storage_credentials(cfg)
             upload_new_checkpoints(out, cfg.storage.url, cfg.name)
-        return json.loads(done.read_text())
+        return done
     check_run(cfg)  # fails in a second, before any process starts
     out.mkdir(parents=True, exist_ok=True)
     if cfg.storage.url:

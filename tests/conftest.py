@@ -80,6 +80,37 @@ def batch(tokenizer):
     return make_batch(tokenizer, TILE_SIZE, TOKENS_PER_TILE, n_samples=3)
 
 
+class TinySamples(torch.utils.data.Dataset):
+    """n one-image samples (see make_batch) for plain HF Trainer runs of the tiny model."""
+
+    def __init__(self, tokenizer, n: int = 8):
+        from vlm_core.model.tiny import TILE_SIZE, TOKENS_PER_TILE
+
+        self.items = []
+        for i in range(n):
+            b = make_batch(tokenizer, TILE_SIZE, TOKENS_PER_TILE, n_samples=1, seed=i)
+            self.items.append({k: v[0] if k != "pixel_values" else v for k, v in b.items()})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def pad_collate(items: list[dict]) -> dict:
+    """Right-pad TinySamples items; tiles of all samples concatenated in order."""
+    width = max(len(x["input_ids"]) for x in items)
+
+    def pad(t, v):
+        return torch.cat([t, torch.full((width - len(t),), v, dtype=t.dtype)])
+
+    return {"input_ids": torch.stack([pad(x["input_ids"], 0) for x in items]),
+            "attention_mask": torch.stack([pad(x["attention_mask"], 0) for x in items]),
+            "labels": torch.stack([pad(x["labels"], -100) for x in items]),
+            "pixel_values": torch.cat([x["pixel_values"] for x in items])}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -54,7 +54,7 @@ def prefect_api(tmp_path_factory, s3_server):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, tiny_model_dir) -> dict:
+def demo(tmp_path_factory, tiny_model_dir, s3_server) -> dict:
     root = tmp_path_factory.mktemp("e2e")
     meta = write_demo_data(root / "data", n=36)
     fs = s3fs.S3FileSystem()

@@ -6,39 +6,11 @@ from __future__ import annotations
 import shutil
 
 import s3fs
-import torch
 from transformers import InternVLForConditionalGeneration, Trainer, TrainingArguments
 
-from conftest import make_batch
+from conftest import TinySamples, pad_collate
 from vlm_core.checkpoints import COMPLETE_MARKER, fetch_latest_checkpoint, upload_new_checkpoints
-from vlm_core.model.tiny import TILE_SIZE, TOKENS_PER_TILE
 from vlm_core.trainer_callbacks import CheckpointCompleteCallback
-
-
-class Samples(torch.utils.data.Dataset):
-    def __init__(self, tokenizer, n: int = 12):
-        self.items = []
-        for i in range(n):
-            b = make_batch(tokenizer, TILE_SIZE, TOKENS_PER_TILE, n_samples=1, seed=i)
-            self.items.append({k: v[0] if k != "pixel_values" else v for k, v in b.items()})
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
-def collate(items):
-    width = max(len(x["input_ids"]) for x in items)
-
-    def pad(t, v):
-        return torch.cat([t, torch.full((width - len(t),), v, dtype=t.dtype)])
-
-    return {"input_ids": torch.stack([pad(x["input_ids"], 0) for x in items]),
-            "attention_mask": torch.stack([pad(x["attention_mask"], 0) for x in items]),
-            "labels": torch.stack([pad(x["labels"], -100) for x in items]),
-            "pixel_values": torch.cat([x["pixel_values"] for x in items])}
 
 
 def _train(model_dir, tokenizer, out, max_steps, resume=None):
@@ -50,7 +22,7 @@ def _train(model_dir, tokenizer, out, max_steps, resume=None):
     # key names; HF Trainer's own resume loads the file with raw keys, matches none for InternVL in
     # transformers 5.24, and only warns. Trainer still restores optimizer, scheduler, RNG and step.
     model = InternVLForConditionalGeneration.from_pretrained(resume or model_dir)
-    trainer = Trainer(model=model, args=args, train_dataset=Samples(tokenizer), data_collator=collate,
+    trainer = Trainer(model=model, args=args, train_dataset=TinySamples(tokenizer, 12), data_collator=pad_collate,
                       callbacks=[CheckpointCompleteCallback()])
     trainer.train(resume_from_checkpoint=resume)
     return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}, trainer.state.global_step

@@ -71,8 +71,8 @@ def upload_new_checkpoints(output_dir: str | Path, storage_url: str, run_id: str
 
 def fetch_latest_checkpoint(storage_url: str, run_id: str, output_dir: str | Path) -> Path | None:
     """When output_dir holds no complete checkpoint, download the newest complete one from storage."""
-    if latest_complete(output_dir) is not None:
-        return latest_complete(output_dir)
+    if (local := latest_complete(output_dir)) is not None:
+        return local
     base = run_url(storage_url, run_id)
     names = [n for n in list_complete(base, "checkpoint-") if checkpoint_step(n) is not None]
     if not names:

@@ -28,35 +28,9 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 from transformers import InternVLForConditionalGeneration, Trainer, TrainingArguments  # noqa: E402
 
-from conftest import make_batch  # noqa: E402
+from conftest import TinySamples, make_batch, pad_collate  # noqa: E402
 from vlm_core.model.tiny import TILE_SIZE, TOKENS_PER_TILE  # noqa: E402
 from vlm_core.trainer_callbacks import CheckpointCompleteCallback  # noqa: E402
-
-
-class Samples(torch.utils.data.Dataset):
-    def __init__(self, tokenizer, n: int = 8):
-        self.items = []
-        for i in range(n):
-            b = make_batch(tokenizer, TILE_SIZE, TOKENS_PER_TILE, n_samples=1, seed=i)
-            self.items.append({k: v[0] if k != "pixel_values" else v for k, v in b.items()})
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
-def collate(items):
-    width = max(len(x["input_ids"]) for x in items)
-
-    def pad(t, v):
-        return torch.cat([t, torch.full((width - len(t),), v, dtype=t.dtype)])
-
-    return {"input_ids": torch.stack([pad(x["input_ids"], 0) for x in items]),
-            "attention_mask": torch.stack([pad(x["attention_mask"], 0) for x in items]),
-            "labels": torch.stack([pad(x["labels"], -100) for x in items]),
-            "pixel_values": torch.cat([x["pixel_values"] for x in items])}
 
 
 def main(model_dir: str, output_dir: str, ds_config: str, max_steps: int, save_steps: int) -> None:
@@ -71,7 +45,7 @@ def main(model_dir: str, output_dir: str, ds_config: str, max_steps: int, save_s
     deepspeed.init_distributed(dist_backend="gloo")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = InternVLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
-    trainer = Trainer(model=model, args=args, train_dataset=Samples(tokenizer), data_collator=collate,
+    trainer = Trainer(model=model, args=args, train_dataset=TinySamples(tokenizer), data_collator=pad_collate,
                       callbacks=[CheckpointCompleteCallback()])
     trainer.train()
     assert trainer.is_deepspeed_enabled

@@ -418,7 +418,6 @@ def prepare_shards(
     data: DataConfig,
     workers: int = 1,
     model: ModelConfig | None = None,
-    on_group_done: Callable[[GroupResult], None] | None = None,
 ) -> Manifest:
     """The whole prepare step in this process (threads), without an orchestrator.
 
@@ -436,6 +435,4 @@ def prepare_shards(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for res in pool.map(lambda g: write_group(g, plan.datasets, data, length_check), plan.groups):
             results.append(res)
-            if on_group_done:
-                on_group_done(res)
     return finalize(plan, results, data)
