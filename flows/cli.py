@@ -13,11 +13,18 @@ import json
 import sys
 from pathlib import Path
 
-from tasks.process import ProcessFailed
 from vlm_core.config import ConfigError, FinetuneConfig, load_config, to_json, to_yaml
-from vlm_core.data.shards import PrepareError
-from vlm_core.merge import MergeVerificationError
-from vlm_core.storage import StorageError
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that are the user's to fix: printed as one message, exit code 2. Imported late so that
+    `vlmft config` and `--help` do not pay for torch and webdataset."""
+    from tasks.process import ProcessFailed
+    from vlm_core.data.shards import PrepareError
+    from vlm_core.merge import MergeVerificationError
+    from vlm_core.storage import StorageError
+
+    return ConfigError, PrepareError, StorageError, MergeVerificationError, ProcessFailed
 
 
 def _config_args() -> argparse.ArgumentParser:
@@ -154,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"config": _cmd_config, "prepare": _cmd_prepare, "train": _cmd_train, "merge": _cmd_merge,
                     "run": _cmd_run, "deploy": _cmd_deploy}
         return commands[args.command](cfg, args)
-    except (ConfigError, PrepareError, StorageError, MergeVerificationError, ProcessFailed) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"vlmft: {exc}", file=sys.stderr)
         return 2
 
