@@ -1,7 +1,7 @@
 """The end-to-end pipeline: prepare → train → (checkpoints to storage) → merge → report.
 
     vlmft run --config configs/demo.yaml          # what `make run` does, on the bundled demo
-    python -m flows.finetune --config configs/demo.yaml
+    python -m vlmft run --config configs/demo.yaml
 
 A failed run retried from the Prefect UI does not redo finished work: shards are skipped by their
 fingerprint, training resumes from its newest complete checkpoint (or is skipped when the run folder
@@ -15,7 +15,6 @@ of the last successful retrain (kept in a Prefect Variable), and otherwise ends 
 from __future__ import annotations
 
 import base64
-import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -94,8 +93,3 @@ def retrain(cfg: FinetuneConfig) -> dict:
     Variable.set(key, plan.fingerprint, overwrite=True)
     return {"trained": True, "fingerprint": plan.fingerprint, **result}
 
-
-if __name__ == "__main__":
-    from flows.cli import main
-
-    sys.exit(main(["run", *sys.argv[1:]]))

@@ -12,7 +12,6 @@ to {storage.url}/runs/{name}/merged.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from prefect import flow
@@ -20,26 +19,22 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.merge import consolidate_task, merge_task
 from tasks.storage import load_storage_credentials, upload_folder_task
-from vlm_core.checkpoints import latest_complete, run_url
+from vlm_core.checkpoints import newest_checkpoint, run_url
 from vlm_core.config import ConfigError, FinetuneConfig
-from vlm_core.storage import list_complete
 
 
 def newest_adapter(cfg: FinetuneConfig) -> str:
     """The newest complete checkpoint of the run (a LoRA adapter, or a full fine-tune's checkpoint)."""
-    local = latest_complete(cfg.train.output_dir)
-    if local is not None:
-        return str(local)
     if cfg.storage.url:
         load_storage_credentials(cfg)
-        remote = list_complete(run_url(cfg.storage.url, cfg.name), "checkpoint-")
-        if remote:
-            return f"{run_url(cfg.storage.url, cfg.name)}/{max(remote, key=lambda n: int(n.split('-')[1]))}"
-    raise ConfigError(
-        f"no complete checkpoint in train.output_dir={cfg.train.output_dir}"
-        + (f" or {run_url(cfg.storage.url, cfg.name)}" if cfg.storage.url else "")
-        + "; pass --adapter PATH_OR_URL"
-    )
+    found = newest_checkpoint(cfg.train.output_dir, cfg.storage.url, cfg.name)
+    if found is None:
+        raise ConfigError(
+            f"no complete checkpoint in train.output_dir={cfg.train.output_dir}"
+            + (f" or {run_url(cfg.storage.url, cfg.name)}" if cfg.storage.url else "")
+            + "; pass --adapter PATH_OR_URL"
+        )
+    return found
 
 
 @flow(name="merge")
@@ -61,8 +56,3 @@ def merge(cfg: FinetuneConfig, adapter: str | None = None, out: str | None = Non
     )
     return result
 
-
-if __name__ == "__main__":
-    from flows.cli import main
-
-    sys.exit(main(["merge", *sys.argv[1:]]))

@@ -1,7 +1,7 @@
 """Flow: annotations + images → validated WebDataset shards + manifest (see vlm_core.data.shards).
 
     vlmft prepare --config configs/demo.yaml
-    python -m flows.prepare_data --config configs/demo.yaml
+    python -m vlmft prepare --config configs/demo.yaml
 
 Groups of samples fan out over the flow's task runner (the default thread pool; the same flow runs
 unchanged on prefect-dask's DaskTaskRunner via `prepare_data.with_options(task_runner=...)`), at most
@@ -78,8 +78,3 @@ def prepare_data(cfg: FinetuneConfig) -> dict:
     log.info("wrote %(train_samples)d train / %(eval_samples)d eval samples, %(rejected)d rejected", out)
     return out
 
-
-if __name__ == "__main__":
-    from flows.cli import main
-
-    sys.exit(main(["prepare", *sys.argv[1:]]))

@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
@@ -27,8 +25,3 @@ def train(cfg: FinetuneConfig) -> dict:
     )
     return summary
 
-
-if __name__ == "__main__":
-    from flows.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

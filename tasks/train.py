@@ -9,6 +9,7 @@ complete checkpoint (local, else fetched from storage) and never starts from zer
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -18,15 +19,27 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.process import run_group
 from tasks.storage import load_storage_credentials
-from vlm_core.checkpoints import (
-    CheckpointUploader,
-    fetch_latest_checkpoint,
-    latest_complete,
-    upload_new_checkpoints,
-)
+from vlm_core.checkpoints import CheckpointUploader, fetch_latest_checkpoint, upload_new_checkpoints
 from vlm_core.config import FinetuneConfig, to_json
 from vlm_core.launch import check_run, command, thread_env
-from vlm_core.train import PROGRESS, config_sha
+from vlm_core.progress import ProgressEvent, parse
+from vlm_core.train import config_sha
+
+
+def report_event(event: ProgressEvent, log: logging.LoggerAdapter, progress_id) -> None:
+    """One training progress event into the Prefect log and the progress artifact."""
+    f = event.fields
+    if event.kind == "start":
+        log.info("training on %d rank(s), effective batch %d, max steps %d%s", f["world_size"], f["effective_batch"],
+                 f["max_steps"], f", resumed from {f['resumed_from']}" if f["resumed_from"] else "")
+    elif event.kind == "log":
+        if f.get("max_steps"):
+            update_progress_artifact(progress_id, 100.0 * f["step"] / f["max_steps"])
+        shown = {k: round(v, 4) for k, v in f.items() if k in ("loss", "eval_loss", "learning_rate")}
+        if shown:
+            log.info("step %d: %s", f["step"], shown)
+    elif event.kind == "checkpoint":
+        log.info("checkpoint %s", f["path"])
 
 
 @task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
@@ -45,49 +58,38 @@ def train_task(cfg: FinetuneConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.storage.url:
         load_storage_credentials(cfg)
-        if cfg.train.resume_from == "auto" and latest_complete(out) is None:
-            fetched = fetch_latest_checkpoint(cfg.storage.url, cfg.name, out)
-            if fetched:
-                log.info("resuming from %s, fetched from storage", fetched)
+        if cfg.train.resume_from == "auto":
+            resume = fetch_latest_checkpoint(cfg.storage.url, cfg.name, out)  # local, else fetched from storage
+            if resume:
+                log.info("resuming from %s", resume)
     run_json = out / "run.json"
     run_json.write_text(to_json(cfg))
     cmd = command(cfg, run_json)
-    env = {**os.environ, **thread_env(cfg)}
-    progress = create_progress_artifact(0.0, key="training-progress", description="Optimizer steps done")
-    state: dict = {"summary": None}
+    progress_id = create_progress_artifact(0.0, key="training-progress", description="Optimizer steps done")
+    summary: dict = {}
 
     def on_line(line: str) -> None:
-        if not line.startswith(PROGRESS):
+        event = parse(line)
+        if event is None:
             if "Error" in line or "Traceback" in line:
                 log.warning(line)
-            return
-        event = json.loads(line[len(PROGRESS) + 1 :])
-        if event["kind"] == "start":
-            log.info("training on %d rank(s), effective batch %d, max steps %d%s", event["world_size"],
-                     event["effective_batch"], event["max_steps"],
-                     f", resumed from {event['resumed_from']}" if event["resumed_from"] else "")
-        elif event["kind"] == "log":
-            if event.get("max_steps"):
-                update_progress_artifact(progress, 100.0 * event["step"] / event["max_steps"])
-            shown = {k: round(v, 4) for k, v in event.items() if k in ("loss", "eval_loss", "learning_rate")}
-            if shown:
-                log.info("step %d: %s", event["step"], shown)
-        elif event["kind"] == "checkpoint":
-            log.info("checkpoint %s", event["path"])
-        elif event["kind"] == "done":
-            state["summary"] = event
+        elif event.kind == "done":
+            summary.update(event.fields)
+        else:
+            report_event(event, log, progress_id)
 
     uploader = None
     if cfg.storage.url and cfg.storage.upload_checkpoints:
         uploader = CheckpointUploader(out, cfg.storage.url, cfg.name).start()
     try:
         log.info("launching: %s", " ".join(cmd))
-        run_group(cmd, env, out / "train.log", on_line=on_line,
+        run_group(cmd, {**os.environ, **thread_env(cfg)}, out / "train.log", on_line=on_line,
                   on_start=lambda p: (out / "train.pid").write_text(str(p.pid)))
     finally:
         if uploader:
             sent = uploader.stop()  # final pass: the last checkpoint goes up too
             log.info("uploaded %d checkpoint(s) to storage", len(sent))
-    summary = state["summary"] or {}
-    summary.pop("kind", None)
+            if uploader.failed_passes:
+                log.warning("%d checkpoint upload pass(es) failed while training and were retried; last error: %s",
+                            uploader.failed_passes, uploader.last_error)
     return summary

@@ -14,7 +14,7 @@ from vlm_core.data.collator import Collator
 from vlm_core.data.loader import DataStats, LoaderState, ShardStream, epoch_plan, make_dataloader
 from vlm_core.data.preprocess import make_preprocessor
 from vlm_core.data.reference import ReferenceDataset, reference_dataloader
-from vlm_core.data.template import IGNORE_INDEX
+from vlm_core.data.sample import IGNORE_INDEX
 
 
 def stream(folder, preprocessor, tokenizer, **kw) -> ShardStream:
@@ -29,7 +29,7 @@ def read_ids(ds: ShardStream, workers: bool = True) -> tuple[list[str], DataStat
         ids += batch["sample_ids"]
         stats.add(batch["data_stats"])
         batches += 1
-        assert (batch["supervised_tokens"] > 0).all()  # never a sample with all labels -100
+        assert (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=1).all()  # never a sample with all labels -100
     return ids, stats, batches
 
 
@@ -157,7 +157,7 @@ def test_reference_loader_gives_the_same_inputs(demo_data, preprocessor, tokeniz
     collate = Collator(tokenizer.pad_token_id, 8)
     for i in (0, 1, 2, 47):
         a, b = collate([ref[i]]), by_id[f"s{i:05d}"]
-        for key in ("input_ids", "labels", "attention_mask", "pixel_values", "supervised_tokens"):
+        for key in ("input_ids", "labels", "attention_mask", "pixel_values"):
             assert torch.equal(a[key], b[key]), (i, key)
     seen = []
     for batch in reference_dataloader(ref, collate, batch_size=4, num_workers=2, seed=3):

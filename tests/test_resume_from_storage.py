@@ -10,7 +10,7 @@ from transformers import InternVLForConditionalGeneration, Trainer, TrainingArgu
 
 from conftest import TinySamples, pad_collate
 from vlm_core.checkpoints import COMPLETE_MARKER, fetch_latest_checkpoint, upload_new_checkpoints
-from vlm_core.trainer_callbacks import CheckpointCompleteCallback
+from vlm_core.trainer import CheckpointCompleteCallback
 
 
 def _train(model_dir, tokenizer, out, max_steps, resume=None):

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from vlm_core.config import ConfigError
 from vlm_core.storage import StorageError, download_folder, list_complete, upload_folder
 
 COMPLETE_MARKER = "checkpoint_complete.json"
@@ -43,12 +44,39 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def latest_complete(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in a local run folder, or None."""
     done = complete_checkpoints(output_dir)
     return done[-1] if done else None
 
 
+def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:
+    """The checkpoint train.resume_from asks for: the newest complete one ('auto'), none, or the given folder."""
+    if resume_from == "none":
+        return None
+    if resume_from == "auto":
+        return latest_complete(output_dir)
+    path = Path(resume_from)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise ConfigError(f"train.resume_from={resume_from}: not a complete checkpoint (no {COMPLETE_MARKER})")
+    return path
+
+
 def run_url(storage_url: str, run_id: str) -> str:
     return f"{storage_url.rstrip('/')}/runs/{run_id}"
+
+
+def newest_checkpoint(output_dir: str | Path, storage_url: str = "", run_id: str = "") -> str | None:
+    """The run's newest complete checkpoint: a local folder in output_dir, else a URL in storage, else None.
+
+    The one place that decides "newest complete checkpoint": resume, merge and consolidation all ask here.
+    """
+    if (local := latest_complete(output_dir)) is not None:
+        return str(local)
+    if not storage_url:
+        return None
+    base = run_url(storage_url, run_id)
+    steps = [s for s in map(checkpoint_step, list_complete(base, "checkpoint-")) if s is not None]
+    return f"{base}/checkpoint-{max(steps)}" if steps else None
 
 
 def upload_new_checkpoints(output_dir: str | Path, storage_url: str, run_id: str) -> list[str]:
@@ -70,32 +98,30 @@ def upload_new_checkpoints(output_dir: str | Path, storage_url: str, run_id: str
 
 
 def fetch_latest_checkpoint(storage_url: str, run_id: str, output_dir: str | Path) -> Path | None:
-    """When output_dir holds no complete checkpoint, download the newest complete one from storage."""
-    if (local := latest_complete(output_dir)) is not None:
-        return local
-    base = run_url(storage_url, run_id)
-    names = [n for n in list_complete(base, "checkpoint-") if checkpoint_step(n) is not None]
-    if not names:
-        return None
-    newest = max(names, key=checkpoint_step)
-    dest = Path(output_dir) / newest
-    download_folder(f"{base}/{newest}", dest)
+    """The newest complete checkpoint as a local folder: output_dir's own, else downloaded from storage."""
+    found = newest_checkpoint(output_dir, storage_url, run_id)
+    if found is None or "://" not in found:
+        return None if found is None else Path(found)
+    dest = Path(output_dir) / found.rsplit("/", 1)[1]
+    download_folder(found, dest)
     if not (dest / COMPLETE_MARKER).is_file():
-        raise StorageError(f"{base}/{newest} has no {COMPLETE_MARKER}; it was not a complete checkpoint")
+        raise StorageError(f"{found} has no {COMPLETE_MARKER}; it was not a complete checkpoint")
     return dest
 
 
 class CheckpointUploader:
     """Uploads new complete checkpoints from a background thread while training runs.
 
-    `stop()` makes a final pass (so the last checkpoint goes up too) and re-raises the last upload
-    error, if the final pass failed as well.
+    A failed pass does not stop training: the next pass retries, and `failed_passes` / `last_error`
+    tell the caller what went wrong. `stop()` makes a final pass (so the last checkpoint goes up too)
+    and raises if that final pass fails.
     """
 
     def __init__(self, output_dir: str | Path, storage_url: str, run_id: str, interval: float = 5.0):
         self.output_dir, self.storage_url, self.run_id, self.interval = output_dir, storage_url, run_id, interval
         self.uploaded: list[str] = []
-        self.errors: list[str] = []
+        self.failed_passes = 0
+        self.last_error = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="checkpoint-uploader", daemon=True)
 
@@ -110,8 +136,9 @@ class CheckpointUploader:
         while not self._stop.wait(self.interval):
             try:
                 self._pass()
-            except StorageError as exc:
-                self.errors.append(str(exc))  # training goes on; the next pass retries
+            except StorageError as exc:  # training goes on; the next pass retries
+                self.failed_passes += 1
+                self.last_error = str(exc)
 
     def stop(self) -> list[str]:
         self._stop.set()

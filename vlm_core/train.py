@@ -4,16 +4,15 @@ Run it under torchrun or the deepspeed launcher (vlm_core.launch builds the comm
 HF Trainer does the optimisation; this module supplies what an InternVL fine-tune needs around it:
 
 * TrainingArguments and the DeepSpeed config derived from the one `FinetuneConfig`. On a CPU-only
-  machine `use_cpu=True` is required, or the Trainer does not see the other ranks (REFERENCE.md),
-  and ZeRO-3 needs `deepspeed.init_distributed("gloo")` before the model is built.
-* The streaming shard loader, already split by rank: returned from `get_train_dataloader` without
-  accelerate's `prepare` (which would re-split or broadcast it).
-* The loss with InternVL's token / sample / square reductions, normalised over the global batch of
-  each optimizer step (all micro-batches, all ranks; vlm_core.model.loss).
+  machine `use_cpu=True` is required, or the Trainer does not see the other ranks (2 ranks then
+  either fail its batch-size check or, silently, both train as rank 0 on the same batches), and
+  ZeRO-3 needs `deepspeed.init_distributed("gloo")` before the model is built.
+* The streaming shard loader, already split by rank, and the loss with InternVL's token / sample /
+  square reductions normalised over the global batch of each optimizer step (vlm_core.trainer).
 * Checkpoints that count only once complete (`checkpoint_complete.json`), and resume from the newest
   complete one with the data position restored: the loader continues after the last sample the
   checkpoint trained on instead of replaying the epoch.
-* Rank-0 progress lines (`VLMFT_PROGRESS {...}`) for the Prefect task, `metrics.jsonl` in the run
+* Rank-0 progress events (vlm_core.progress) for the Prefect task, `metrics.jsonl` in the run
   folder, and per-rank sample logs so a run can show which samples each rank trained on.
 """
 
@@ -27,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-PROGRESS = "VLMFT_PROGRESS"
+from vlm_core.progress import emit
 
 
 def _single_process_env() -> None:
@@ -43,28 +42,6 @@ def _single_process_env() -> None:
 
 def _rank() -> int:
     return int(os.environ.get("RANK", 0))
-
-
-def _say(kind: str, **fields) -> None:
-    """A machine-readable progress line on rank 0 (the Prefect task parses these)."""
-    if _rank() == 0:
-        print(f"{PROGRESS} {json.dumps({'kind': kind, **fields})}", flush=True)
-
-
-def resolve_resume(cfg) -> Path | None:
-    """The checkpoint to resume from: newest complete one ('auto'), none, or the given folder."""
-    from vlm_core.checkpoints import COMPLETE_MARKER, latest_complete
-    from vlm_core.config import ConfigError
-
-    choice = cfg.train.resume_from
-    if choice == "none":
-        return None
-    if choice == "auto":
-        return latest_complete(cfg.train.output_dir)
-    path = Path(choice)
-    if not (path / COMPLETE_MARKER).is_file():
-        raise ConfigError(f"train.resume_from={choice}: not a complete checkpoint (no {COMPLETE_MARKER})")
-    return path
 
 
 def config_sha(cfg) -> str:
@@ -117,25 +94,21 @@ def training_arguments(cfg, use_cpu: bool):
 
 
 def build_trainer(cfg, targs, model, tokenizer, resume: Path | None):
-    """The HF Trainer wired to the streaming loader, the global-batch loss and our callbacks."""
-    from transformers import Trainer, TrainerCallback
-
+    """The Trainer wired to the shard streams (restored to the resume point), our loss and callbacks."""
     from vlm_core.data.collator import Collator
-    from vlm_core.data.loader import DataStats, ShardStream, make_dataloader
+    from vlm_core.data.loader import DataStats, ShardStream
     from vlm_core.data.manifest import read_manifest
     from vlm_core.data.preprocess import make_preprocessor
-    from vlm_core.model.loss import global_weight_total, vlm_loss
-    from vlm_core.trainer_callbacks import CheckpointCompleteCallback
+    from vlm_core.model.loss import vlm_loss
+    from vlm_core.trainer import CheckpointCompleteCallback, ProgressCallback, VLMTrainer
 
-    reduction = cfg.train.loss_reduction
     preprocess = make_preprocessor(tokenizer, cfg.data, model.config)
     collate = Collator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
     stream_kw = dict(batch_size=cfg.train.per_device_batch_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers)
     train_stream = ShardStream.from_folder(cfg.data.shards, preprocess, collate, "train", shuffle_buffer=cfg.data.shuffle_buffer,
                                            shuffle_shards=cfg.data.shuffle_shards, **stream_kw)
-    manifest = read_manifest(cfg.data.shards)
     eval_stream = None
-    if manifest.eval.samples:
+    if read_manifest(cfg.data.shards).eval.samples:
         eval_stream = ShardStream.from_folder(cfg.data.shards, preprocess, collate, "eval", shuffle_buffer=0,
                                               shuffle_shards=False, **stream_kw)
     else:  # no held-out shards: nothing to evaluate on
@@ -149,61 +122,14 @@ def build_trainer(cfg, targs, model, tokenizer, resume: Path | None):
     samples_dir.mkdir(parents=True, exist_ok=True)
     sample_log = open(samples_dir / f"rank{_rank()}.jsonl", "a")
     stats = DataStats()
-
-    class VLMTrainer(Trainer):
-        """Trainer with the shard stream as data and the global-batch normaliser for the loss."""
-
-        def get_train_dataloader(self):
-            dl = make_dataloader(train_stream)
-            dl.set_epoch = train_stream.set_epoch  # the Trainer calls this at each epoch start
-            return dl
-
-        def get_eval_dataloader(self, eval_dataset=None):
-            return make_dataloader(eval_stream)
-
-        def _get_num_items_in_batch(self, batch_samples, device):
-            # The Trainer's hook (transformers 5.24) for the loss normaliser of one optimizer step (and of
-            # one eval batch); it counts supervised tokens, which is right only for the token reduction.
-            if not batch_samples:
-                return None
-            norm = global_weight_total([b["labels"] for b in batch_samples], reduction)  # all-reduced
-            return norm.to(device)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            delta = inputs.pop("data_stats", None)
-            ids = inputs.pop("sample_ids", None)
-            for extra in ("supervised_tokens", "tiles"):
-                inputs.pop(extra, None)
-            if model.training and ids is not None:
-                stats.add(delta or {})
-                sample_log.write(json.dumps({"step": self.state.global_step, "ids": list(ids)}) + "\n")
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    class Progress(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            _say("start", world_size=args.world_size, max_steps=state.max_steps, global_step=state.global_step,
-                 effective_batch=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-                 ranks=[_rank()], resumed_from=str(resume) if resume else None)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if not state.is_world_process_zero or not logs:
-                return
-            record = {"step": state.global_step, **logs, **stats.as_dict()}
-            with open(Path(args.output_dir) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            _say("log", max_steps=state.max_steps, **record)
-
-        def on_save(self, args, state, control, **kw):
-            sample_log.flush()
-            _say("checkpoint", step=state.global_step, path=str(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
-
+    reduction = cfg.train.loss_reduction
     trainer = VLMTrainer(
-        model=model, args=targs, train_dataset=train_stream, eval_dataset=eval_stream, processing_class=tokenizer,
+        model=model, args=targs, processing_class=tokenizer, train_stream=train_stream, eval_stream=eval_stream,
+        reduction=reduction, stats=stats, sample_log=sample_log,
         compute_loss_func=lambda outputs, labels, num_items_in_batch=None: vlm_loss(
             outputs.logits, labels, reduction, normalizer=num_items_in_batch),
-        callbacks=[CheckpointCompleteCallback(), Progress()],
+        callbacks=[CheckpointCompleteCallback(), ProgressCallback(stats, sample_log, resume)],
     )
-    trainer.model_accepts_loss_kwargs = False  # our loss function takes the normaliser, not the model
     return trainer, stats, sample_log
 
 
@@ -211,6 +137,7 @@ def run(cfg) -> dict:
     """Train as configured; returns (on every rank) a small summary."""
     import torch
 
+    from vlm_core.checkpoints import resolve_resume
     from vlm_core.launch import check_run
     from vlm_core.model import build_for_training
     from vlm_core.model.load import load_tokenizer
@@ -224,7 +151,7 @@ def run(cfg) -> dict:
 
         _ = targs.device  # let accelerate set up the process group first
         deepspeed.init_distributed(dist_backend="gloo")
-    resume = resolve_resume(cfg)
+    resume = resolve_resume(cfg.train.resume_from, cfg.train.output_dir)
     tokenizer = load_tokenizer(cfg.model)
     # A full-weight run without DeepSpeed takes its weights from the checkpoint through from_pretrained:
     # the Trainer's own loader reads the saved (original-format) InternVL keys raw, matches none and only
@@ -251,7 +178,7 @@ def run(cfg) -> dict:
     }
     if trainer.is_world_process_zero():
         (Path(cfg.train.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=1))
-    _say("done", **summary)
+    emit("done", **summary)
     return summary
 
 

@@ -30,7 +30,7 @@ from transformers import InternVLForConditionalGeneration, Trainer, TrainingArgu
 
 from conftest import TinySamples, make_batch, pad_collate  # noqa: E402
 from vlm_core.model.tiny import TILE_SIZE, TOKENS_PER_TILE  # noqa: E402
-from vlm_core.trainer_callbacks import CheckpointCompleteCallback  # noqa: E402
+from vlm_core.trainer import CheckpointCompleteCallback  # noqa: E402
 
 
 def main(model_dir: str, output_dir: str, ds_config: str, max_steps: int, save_steps: int) -> None:

@@ -3,8 +3,7 @@
 Right-padding to the longest sample (optionally rounded up to a multiple of 8 for GPU kernels),
 labels padded with -100, attention 0 on padding, and all tiles of all samples concatenated in text
 order, which is how transformers' InternVL matches image features to `<IMG_CONTEXT>` positions.
-The batch also carries what the loss and the logs need but the model does not take: per-sample
-supervised-token counts (InternVL's sample / square reductions weight by them) and sample ids;
+The batch also carries the sample ids, which the training logs need but the model does not take;
 `model_inputs` picks the model's keys.
 """
 
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 
 from vlm_core.data.preprocess import ModelSample
-from vlm_core.data.template import IGNORE_INDEX
+from vlm_core.data.sample import IGNORE_INDEX
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
@@ -33,9 +32,7 @@ class Collator:
 
 
 def collate(samples: list[ModelSample], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, Any]:
-    """A right-padded batch: input_ids, attention_mask, labels (B, L); pixel_values (tiles, 3, S, S);
-    supervised_tokens (B,) (labels != -100 after the one-position shift); tiles (B,); sample_ids.
-    """
+    """A right-padded batch: input_ids, attention_mask, labels (B, L); pixel_values (tiles, 3, S, S); sample_ids."""
     if not samples:
         raise ValueError("collate: empty batch")
     width = max(len(s.input_ids) for s in samples)
@@ -55,12 +52,10 @@ def collate(samples: list[ModelSample], pad_token_id: int, pad_to_multiple_of: i
         "attention_mask": attention,
         "labels": labels,
         "pixel_values": torch.cat([s.pixel_values for s in samples], dim=0),
-        "supervised_tokens": (labels[:, 1:] != IGNORE_INDEX).sum(dim=1),
-        "tiles": torch.tensor([s.pixel_values.shape[0] for s in samples], dtype=torch.long),
         "sample_ids": [s.sample_id for s in samples],
     }
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The keys `InternVLForConditionalGeneration.forward` takes; the rest is for the loss and logs."""
+    """The keys `InternVLForConditionalGeneration.forward` takes; the rest is for the logs."""
     return {k: batch[k] for k in MODEL_KEYS}

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 from vlm_core.config import DataConfig, ModelConfig
 from vlm_core.data.sample import Turn
+from vlm_core.data.shards import LengthCheck
 from vlm_core.data.template import (
     SampleRejected,
     TemplateTokens,
@@ -24,9 +24,6 @@ from vlm_core.data.template import (
     truncate,
 )
 from vlm_core.data.tiling import num_tiles, tile_budget, vision_geometry
-
-# (turns, [(width, height)], max_dynamic_patch or None) -> None when it fits, else the reason detail
-LengthCheck = Callable[[list[dict], list[tuple[int, int]], "int | None"], "str | None"]
 
 
 def model_fingerprint(model: ModelConfig) -> str:

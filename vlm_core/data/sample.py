@@ -10,12 +10,28 @@ path and size, the source dataset, file and line, and the dataset's tile budget.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
 IMAGE_PLACEHOLDER = "<image>"
+IGNORE_INDEX = -100  # the label of a token the loss skips (PyTorch's and transformers' convention)
+Speaker = Literal["system", "human", "gpt"]  # LLaVA / InternVL `from` values
+SPEAKERS: tuple[str, ...] = get_args(Speaker)
+CHATML_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}  # speaker -> ChatML role
+
+
+def with_image_placeholder(turns: list[tuple[str, str]], n_images: int) -> list[tuple[str, str]]:
+    """(speaker, text) turns after InternVL's rule for a missing placeholder: a sample with exactly one
+    image and no `<image>` anywhere gets `<image>\\n` prepended to its first human turn. Anything else is
+    returned unchanged; a placeholder/image count mismatch is the caller's to report."""
+    if n_images != 1 or any(IMAGE_PLACEHOLDER in text for _, text in turns):
+        return turns
+    first = next((i for i, (speaker, _) in enumerate(turns) if speaker == "human"), None)
+    if first is None:
+        return turns
+    return [*turns[:first], ("human", IMAGE_PLACEHOLDER + "\n" + turns[first][1]), *turns[first + 1 :]]
 
 
 class Turn(BaseModel):
@@ -23,7 +39,7 @@ class Turn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    from_: Literal["system", "human", "gpt"] = Field(alias="from", description="Speaker of the turn.")
+    from_: Speaker = Field(alias="from", description="Speaker of the turn.")
     value: str = Field(description="Turn text; `<image>` marks where each image goes.")
 
 

@@ -24,10 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from vlm_core.data.sample import IMAGE_PLACEHOLDER, Turn
+from vlm_core.data.sample import CHATML_ROLES, IGNORE_INDEX, IMAGE_PLACEHOLDER, Turn, with_image_placeholder
 
-IGNORE_INDEX = -100
-ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 RejectReason = Literal["too_long", "image_cut", "no_labels", "invalid"]
 
 
@@ -84,7 +82,7 @@ class TemplateTokens:
             img_end_id=vocab[names["end_image_token"]],
             img_context_id=vocab[names["context_image_token"]],
             newline_ids=ids("\n"),
-            prefix_ids={role: ids(f"{im_start}{role}\n") for role in ROLES.values()},
+            prefix_ids={role: ids(f"{im_start}{role}\n") for role in CHATML_ROLES.values()},
             reserved=(im_start, im_end, *names.values()),
         )
 
@@ -112,14 +110,11 @@ def prepare_turns(
     number of placeholders must equal the number of images. `system_prompt` is added when the
     conversation has no system turn of its own.
     """
-    pairs = [(ROLES[t.from_], t.value) for t in turns]
+    spoken = with_image_placeholder([(t.from_, t.value) for t in turns], n_images)
+    pairs = [(CHATML_ROLES[speaker], text) for speaker, text in spoken]
     count = sum(text.count(IMAGE_PLACEHOLDER) for _, text in pairs)
     if n_images == 1 and count == 0:
-        first_user = next((i for i, (role, _) in enumerate(pairs) if role == "user"), None)
-        if first_user is None:
-            raise SampleRejected("invalid", f"{where}: one image but no human turn to put it in")
-        pairs[first_user] = ("user", IMAGE_PLACEHOLDER + "\n" + pairs[first_user][1])
-        count = 1
+        raise SampleRejected("invalid", f"{where}: one image but no human turn to put it in")
     if count != n_images:
         raise SampleRejected(
             "invalid",

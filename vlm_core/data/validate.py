@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlm_core.data.sample import IMAGE_PLACEHOLDER
+from vlm_core.data.sample import IMAGE_PLACEHOLDER, SPEAKERS, with_image_placeholder
 
 REASONS = (
     "bad_record",
@@ -60,7 +60,7 @@ def _turns(record: dict) -> list[dict]:
     for i, turn in enumerate(conv):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise RecordReject("bad_record", f"conversations[{i}] must be an object with a string 'value'")
-        if turn.get("from") not in ("system", "human", "gpt"):
+        if turn.get("from") not in SPEAKERS:
             raise RecordReject(
                 "bad_record", f"conversations[{i}].from is {turn.get('from')!r}; expected system, human or gpt"
             )
@@ -97,11 +97,8 @@ def check_record(record: object) -> CheckedRecord:
     images = _images(record)
     turns = _turns(record)
     _check_roles(turns)
+    turns = [{"from": s, "value": v} for s, v in with_image_placeholder([(t["from"], t["value"]) for t in turns], len(images))]
     placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
-    if len(images) == 1 and placeholders == 0:
-        first_user = next(t for t in turns if t["from"] == "human")
-        first_user["value"] = IMAGE_PLACEHOLDER + "\n" + first_user["value"]  # what InternVL does
-        placeholders = 1
     if placeholders != len(images):
         raise RecordReject(
             "image_count_mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} image(s)"

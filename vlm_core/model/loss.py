@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from vlm_core.data.sample import IGNORE_INDEX
+
 Reduction = Literal["token", "sample", "square"]
 
 

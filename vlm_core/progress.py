@@ -1,0 +1,43 @@
+"""Progress events: the one line format the training process writes and the Prefect task reads.
+
+The training subprocess (several ranks, under torchrun or the deepspeed launcher) can only talk to
+the task that launched it through its output stream, which also carries library logs and warnings.
+So rank 0 writes each event as one line, `VLMFT_PROGRESS {json}`, and the reader picks those lines
+out and ignores the rest. Writer and reader both live here so the format has one home.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+PREFIX = "VLMFT_PROGRESS"
+EventKind = Literal["start", "log", "checkpoint", "done"]
+
+
+@dataclass
+class ProgressEvent:
+    """One event: `start` (world size, steps, resume point), `log` (a Trainer log record: step, loss,
+    eval_loss, learning rate, data counters), `checkpoint` (step, path) or `done` (the run summary)."""
+
+    kind: EventKind
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return f"{PREFIX} {json.dumps({'kind': self.kind, **self.fields})}"
+
+
+def emit(kind: EventKind, **fields: Any) -> None:
+    """Print an event on rank 0 (other ranks stay quiet: one event per step, not one per rank)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(ProgressEvent(kind, fields).line(), flush=True)
+
+
+def parse(line: str) -> ProgressEvent | None:
+    """The event on an output line, or None for any other line."""
+    if not line.startswith(PREFIX + " "):
+        return None
+    data = json.loads(line[len(PREFIX) + 1 :])
+    return ProgressEvent(data.pop("kind"), data)
