@@ -21,7 +21,7 @@ from vlm_core.data.tiling import (
 
 
 def reference_grid(width: int, height: int, tile: int, lo: int, hi: int) -> tuple[int, int]:
-    """REFERENCE.md's rule written independently: closest ratio; among equally close grids, walk up by
+    """InternVL's published rule written independently: closest ratio; among equally close grids, walk up by
     tile count and move to a larger one only when the image area exceeds half its pixel area."""
     grids = [(c, r) for c in range(1, hi + 1) for r in range(1, hi + 1) if lo <= c * r <= hi]
     if not grids:

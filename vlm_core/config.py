@@ -33,9 +33,10 @@ class DataConfig(_Section):
     """Where the training data comes from and how samples are turned into model inputs."""
 
     meta: str = Field(
-        "data/demo/meta.json",
+        "runs/demo/data/meta.json",
         description="Path or fsspec URL of an InternVL meta JSON ({name: {root, annotation, repeat_time, "
-        "max_dynamic_patch}}) or of a single LLaVA JSON list of records.",
+        "max_dynamic_patch}}) or of a single LLaVA JSON list of records. The default is where "
+        "`vlmft demo-data runs/demo/data` (and `make run`) writes the demo data set.",
     )
     image_root: str | None = Field(
         None,
@@ -306,7 +307,7 @@ def _section_fields(path: tuple[str | int, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_error(err: dict[str, Any], source: str) -> str:
+def _format_error(err: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
@@ -330,7 +331,7 @@ def validate_config(data: dict[str, Any], source: str = "config") -> FinetuneCon
     try:
         return FinetuneConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [_format_error(e, source) for e in exc.errors()]
+        lines = [_format_error(e) for e in exc.errors()]
         raise ConfigError(f"invalid configuration in {source}:\n  " + "\n  ".join(lines)) from None
 
 

@@ -8,7 +8,8 @@ map-style reference) call the same `Preprocessor`, so they produce identical inp
 Text-only samples get one dummy tile (zeros) whose `<IMG_CONTEXT>` span sits after the
 conversation with attention 0 and labels -100. Every sample then runs the vision tower, so all ranks
 run the same graph: with a text-only sample on one rank and an image on another, ZeRO-2 crashes and
-ZeRO-3 hangs (REFERENCE.md). Being last and masked, the span changes nothing the real tokens see.
+ZeRO-3 hangs, because the ranks run different graphs (found on CPU with gloo; InternVL trains its
+text-only samples with a dummy tile for the same reason). Being last and masked, the span changes nothing the real tokens see.
 """
 
 from __future__ import annotations
