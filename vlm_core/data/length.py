@@ -15,7 +15,6 @@ from pathlib import Path
 
 from vlm_core.config import DataConfig, ModelConfig
 from vlm_core.data.sample import Turn
-from vlm_core.data.shards import LengthCheck
 from vlm_core.data.template import (
     SampleRejected,
     TemplateTokens,
@@ -24,6 +23,7 @@ from vlm_core.data.template import (
     truncate,
 )
 from vlm_core.data.tiling import num_tiles, tile_budget, vision_geometry
+from vlm_core.data.validate import LengthCheck
 
 
 def model_fingerprint(model: ModelConfig) -> str:

@@ -24,7 +24,6 @@ import os
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -37,7 +36,7 @@ from vlm_core.data.images import ImageReject, ShardImage, check_image, join_unde
 from vlm_core.data.manifest import MANIFEST_NAME, DatasetCounts, Manifest, ShardInfo, SplitInfo, read_manifest
 from vlm_core.data.readers import DatasetSpec, read_bytes, read_meta, read_records, repeat_selection
 from vlm_core.data.sample import SCHEMA_VERSION, ImageRef, ShardSample, Source, Turn, sample_key
-from vlm_core.data.validate import RecordReject, check_record
+from vlm_core.data.validate import LengthCheck, RecordReject, check_record
 
 PREPARE_VERSION = 1  # bump when the shard bytes for the same inputs would change
 REJECTED_NAME = "rejected.jsonl"
@@ -46,9 +45,6 @@ SHAPING_SETTINGS = (
     "max_seq_length", "max_dynamic_patch", "min_dynamic_patch", "use_thumbnail", "image_check", "overlong",
     "system_prompt",
 )
-
-# A length check (vlm_core.data.length): (turns, image sizes, max_dynamic_patch) -> None or the reject detail.
-LengthCheck = Callable[[list[dict], list[tuple[int, int]], "int | None"], "str | None"]
 
 
 class PrepareError(RuntimeError):

@@ -7,9 +7,15 @@ match the images. Each raises `RecordReject` with a stable reason and a detail n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vlm_core.data.sample import IMAGE_PLACEHOLDER, SPEAKERS, with_image_placeholder
+
+# The prepare step's length check (built by vlm_core.data.length from the tokenizer and tile geometry):
+# (turns, [(width, height)], the data set's max_dynamic_patch or None) -> None when the sample fits,
+# else the reject detail.
+LengthCheck = Callable[[list[dict], list[tuple[int, int]], "int | None"], "str | None"]
 
 REASONS = (
     "bad_record",
