@@ -1,5 +1,5 @@
 """Prefect tasks: merge a LoRA adapter into its base model, or consolidate a full fine-tune's (ZeRO-3)
-checkpoint into a plain model folder (vlm_core.merge); both verified before publishing."""
+checkpoint into a plain model folder (vlm_core.merge, vlm_core.consolidate); both verified before publishing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.storage import load_storage_credentials
 from vlm_core.config import FinetuneConfig
-from vlm_core.merge import consolidate_checkpoint, merge_lora
+from vlm_core.consolidate import consolidate_checkpoint
+from vlm_core.merge import merge_lora
 
 
 @task(name="merge-lora", cache_policy=NO_CACHE)

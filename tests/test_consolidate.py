@@ -17,7 +17,8 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer, InternVLFor
 
 from vlm_core.checkpoints import COMPLETE_MARKER
 from vlm_core.config import ModelConfig
-from vlm_core.merge import MERGE_INFO, CheckpointError, consolidate_checkpoint
+from vlm_core.consolidate import CheckpointError, consolidate_checkpoint
+from vlm_core.publish import MERGE_INFO
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_zero3.py"
 # Torch AdamW (no "optimizer" section: DeepSpeed's would JIT-compile), fp32, and no 16-bit gathering on

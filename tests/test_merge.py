@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoTokenizer, InternVLForConditionalGeneration
 
 from vlm_core.config import ConfigError, ModelConfig, load_config
-from vlm_core.merge import MERGE_INFO, MergeVerificationError, merge_lora, verify_merged
+from vlm_core.merge import merge_lora, verify_merged
 from vlm_core.model import build_for_training
+from vlm_core.publish import MERGE_INFO, MergeVerificationError
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,29 +28,44 @@ def _is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def fetch_to_cache(url: str, cache_dir: str | Path) -> Path:
-    """Download a model folder from any fsspec URL into `cache_dir`, once.
+def fetch_to_cache(url: str, cache_dir: str | Path, subdir: str = "", verified: bool = False) -> Path:
+    """Download a folder from any fsspec URL into `cache_dir` (or its `subdir`), once.
 
-    The copy goes to a temporary folder that is renamed when complete, so an interrupted download is
-    never mistaken for a model. Credentials come from the environment (e.g. AWS_* for S3).
+    The copy goes to a temporary folder that is renamed when complete (with COMPLETE_MARKER inside),
+    so an interrupted download is never mistaken for a model. A model folder is copied as it is;
+    with `verified` (LoRA adapters, training checkpoints) the URL must be a complete upload of
+    vlm_core.storage (its checksum manifest present) and every file's sha256 is checked.
+    Credentials come from the environment (e.g. AWS_* for S3).
     """
-    import fsspec
-
-    cache = Path(cache_dir).expanduser()
-    target = cache / hashlib.sha256(url.encode()).hexdigest()[:16]
+    target = Path(cache_dir).expanduser() / subdir / hashlib.sha256(url.encode()).hexdigest()[:16]
     if (target / COMPLETE_MARKER).exists():
         return target
+    tmp = target.with_name(target.name + f".partial-{os.getpid()}")
+    if verified:
+        from vlm_core.storage import download_folder
+
+        download_folder(url, tmp)
+    else:
+        _copy_folder(url, tmp)
+    tmp.mkdir(parents=True, exist_ok=True)  # an upload with no files creates none
+    (tmp / COMPLETE_MARKER).write_text(url + "\n")
+    if (target / COMPLETE_MARKER).exists():  # another process finished first; keep theirs
+        return target
+    if target.exists():  # unmarked, so not a complete download (e.g. an interrupted copy of an older version)
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def _copy_folder(url: str, dest: Path) -> None:
+    """Copy the folder at `url` into `dest` as it is (model folders carry no checksum manifest)."""
+    import fsspec
+
     fs, root = fsspec.core.url_to_fs(url)
     if not fs.isdir(root):
         raise ConfigError(f"model.path={url}: no folder at that URL (expected an InternVL checkpoint folder)")
-    tmp = target.with_name(target.name + f".partial-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
-    (tmp / COMPLETE_MARKER).write_text(url + "\n")
-    if target.exists():  # another process finished first; keep theirs
-        return target
-    tmp.rename(target)
-    return target
+    dest.mkdir(parents=True, exist_ok=True)
+    fs.get(root.rstrip("/") + "/", str(dest), recursive=True)
 
 
 def resolve_model_path(cfg: ModelConfig) -> Path:
