@@ -1,4 +1,4 @@
-"""Prefect tasks around object storage: credentials, checkpoint upload, resume fetch, merged upload.
+"""Prefect tasks around object storage: credentials from a Secret block, and uploading a folder.
 
 Credentials come from the environment, or once from a Prefect Secret block (storage.secret_block)
 into this process's environment; their values are never logged, returned or put in artifacts.
@@ -12,7 +12,6 @@ import os
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from vlm_core.checkpoints import fetch_latest_checkpoint, run_url, upload_new_checkpoints
 from vlm_core.config import FinetuneConfig
 from vlm_core.storage import upload_folder
 
@@ -28,21 +27,6 @@ def load_storage_credentials(cfg: FinetuneConfig) -> None:
     for key, value in values.items():
         if key.startswith("AWS_"):
             os.environ.setdefault(key, str(value))
-
-
-@task(name="upload-checkpoints", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def upload_checkpoints_task(cfg: FinetuneConfig) -> list[str]:
-    load_storage_credentials(cfg)
-    sent = upload_new_checkpoints(cfg.train.output_dir, cfg.storage.url, cfg.name)
-    get_run_logger().info("uploaded %d checkpoint(s) to %s", len(sent), run_url(cfg.storage.url, cfg.name))
-    return sent
-
-
-@task(name="fetch-checkpoint", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def fetch_checkpoint_task(cfg: FinetuneConfig) -> str | None:
-    load_storage_credentials(cfg)
-    got = fetch_latest_checkpoint(cfg.storage.url, cfg.name, cfg.train.output_dir)
-    return None if got is None else str(got)
 
 
 @task(name="upload-folder", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)

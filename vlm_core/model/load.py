@@ -34,10 +34,17 @@ def fetch_to_cache(url: str, cache_dir: str | Path, subdir: str = "", verified: 
     The copy goes to a temporary folder that is renamed when complete (with COMPLETE_MARKER inside),
     so an interrupted download is never mistaken for a model. A model folder is copied as it is;
     with `verified` (LoRA adapters, training checkpoints) the URL must be a complete upload of
-    vlm_core.storage (its checksum manifest present) and every file's sha256 is checked.
+    vlm_core.storage (its checksum manifest present) and every file's sha256 is checked, on every
+    call: an existing copy is synced against the manifest (unchanged files are not downloaded again),
+    so a checkpoint re-uploaded under the same URL is never served stale from the cache.
     Credentials come from the environment (e.g. AWS_* for S3).
     """
     target = Path(cache_dir).expanduser() / subdir / hashlib.sha256(url.encode()).hexdigest()[:16]
+    if verified and (target / COMPLETE_MARKER).exists():
+        from vlm_core.storage import download_folder
+
+        download_folder(url, target)  # checksums decide what is stale
+        return target
     if (target / COMPLETE_MARKER).exists():
         return target
     tmp = target.with_name(target.name + f".partial-{os.getpid()}")
