@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint run serve deploy clean-venv
+.PHONY: install test test-unit lint run serve deploy clean-venv
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
@@ -32,6 +32,10 @@ lint: install
 
 test: install lint
 	$(VENV)/bin/pytest -q
+
+# The fast inner loop: every test that starts no server and no other process (under a minute on 2 cores).
+test-unit: install
+	$(VENV)/bin/pytest -q -m "not integration"
 
 # The whole pipeline on the bundled demo: generated data, tiny model, 2 training processes, local
 # storage, an ephemeral Prefect server. Outputs go to runs/demo/.

@@ -25,10 +25,10 @@ WORK = Path("/tmp/vlm_train_bench")
 
 
 def batches(model_dir: Path, n: int, bs: int):
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests"))  # the tests' helpers package
     from transformers import AutoConfig, AutoTokenizer
 
-    import datagen as D
+    from helpers import data as D
     from vlm_core.config import DataConfig
     from vlm_core.data.collator import Collator, model_inputs
     from vlm_core.data.preprocess import make_preprocessor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import jpeg_bytes
+from helpers.images import jpeg_bytes
 from vlm_core.data.collator import Collator, model_inputs
 from vlm_core.data.sample import IGNORE_INDEX, Turn
 from vlm_core.model.loss import token_weights, vlm_loss

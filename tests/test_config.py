@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,11 @@ from vlm_core.config import (
     to_yaml,
     validate_config,
 )
+from vlm_core.launch import check_run
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+DEPLOYMENT = ROOT / "deployments" / "finetune.yaml"  # the parameters `vlmft deploy` registers
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml")) + [DEPLOYMENT]
 
 
 def _all_fields(model: type[BaseModel], prefix: str = ""):
@@ -59,6 +62,22 @@ def test_demo_config_is_shipped_and_self_contained():
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     assert cfg.model.build_tiny_if_missing and cfg.model.dtype == "float32"
     assert cfg.storage.url and "://" not in cfg.storage.url  # local folder: no credentials needed
+
+
+def test_deployment_config_runs_on_a_worker_from_the_repo_root(demo_data):
+    """deployments/finetune.yaml as `vlmft deploy --config` registers it: its JSON form is what Prefect stores
+    as the deployment's parameters and hands back to the flow; the worker runs flows with the repository root
+    as working directory, so every path must be relative and the model buildable on a fresh clone."""
+    cfg = load_config(DEPLOYMENT)
+    params = json.loads(json.dumps({"cfg": cfg.model_dump(mode="json")}))
+    assert validate_config(params["cfg"]) == cfg
+    paths = {"data.meta": cfg.data.meta, "data.shards": cfg.data.shards, "model.path": cfg.model.path,
+             "train.output_dir": cfg.train.output_dir, "storage.url": cfg.storage.url}
+    assert all(paths.values()), paths
+    assert [k for k, v in paths.items() if Path(v).is_absolute()] == []  # resolved under the worker's clone
+    assert cfg.model.build_tiny_if_missing and cfg.model.dtype == "float32"
+    # every pre-launch check passes on this CPU-only machine, once shards exist
+    check_run(load_config(DEPLOYMENT, [f"data.shards={demo_data['shards']}"]))
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
@@ -142,6 +161,7 @@ def test_missing_and_malformed_files(tmp_path):
         from_json("{")
 
 
+@pytest.mark.integration
 def test_cli_prints_validated_config_and_rejects_bad_keys(tmp_path):
     vlmft = Path(sys.executable).parent / "vlmft"
     ok = subprocess.run(

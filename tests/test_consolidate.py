@@ -55,6 +55,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return InternVLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).state_dict()
 
 
+@pytest.mark.integration
 def test_zero3_checkpoint_becomes_a_plain_transformers_model(zero3_run, tiny_model_dir, tmp_path):
     ckpt = zero3_run / "checkpoint-3"
     assert (ckpt / "latest").read_text().strip() == "global_step3" and (ckpt / "zero_to_fp32.py").is_file()
@@ -91,6 +92,7 @@ def test_zero3_checkpoint_becomes_a_plain_transformers_model(zero3_run, tiny_mod
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.integration
 def test_checkpoint_with_full_weights_is_resaved_and_partial_weights_refused(zero3_run, tiny_model_dir, tmp_path):
     # A checkpoint that already holds full weights (ZeRO-1/2 or no DeepSpeed): no shards needed.
     full = tmp_path / "checkpoint-3"
@@ -125,12 +127,13 @@ def test_lora_and_empty_folders_get_a_clear_error(tiny_model_dir, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.integration
 def test_merge_flow_consolidates_a_full_finetune_and_uploads_it(prefect_server, s3_server, zero3_run,
                                                                 tiny_model_dir, tmp_path):
     import s3fs
 
-    from conftest import flow_run_artifacts
     from flows.merge import merge
+    from helpers.flow_runs import flow_run_artifacts
     from vlm_core.config import load_config
     from vlm_core.storage import download_folder, is_complete
 

@@ -12,13 +12,16 @@ import psutil
 import pytest
 import s3fs
 
-from conftest import _free_port, flow_run_artifacts
 from deployments.deploy import deploy_all, start_worker
 from deployments.serve import start_server, stop, wait_healthy
+from helpers.flow_runs import flow_run_artifacts
+from helpers.servers import free_port
 from tasks.process import process_tree
 from vlm_core.config import FinetuneConfig, load_config
 from vlm_core.demo import write_demo_data
 from vlm_core.storage import is_complete, list_complete
+
+pytestmark = pytest.mark.integration  # a Prefect server and worker, moto_server, training processes
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def prefect_api(tmp_path_factory, s3_server):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     root = tmp_path_factory.mktemp("prefect")
-    port = _free_port()
+    port = free_port()
     server = start_server(root / "home", port, root / "server.log")
     api = f"http://127.0.0.1:{port}/api"
     saved = os.environ.get("PREFECT_API_URL")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datagen as D
+from helpers import data as D
 from vlm_core.data.images import ImageReject, check_image, join_under_root
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
@@ -21,6 +23,7 @@ print(json.dumps({"modules": names, "prefect": sorted(m for m in sys.modules if 
 """
 
 
+@pytest.mark.integration
 def test_vlm_core_imports_without_prefect():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True, cwd=ROOT)
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -6,6 +6,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.integration  # a python subprocess that starts DeepSpeed's distributed backend
+
 SCRIPT = """
 import sys, deepspeed
 deepspeed.init_distributed(dist_backend="gloo")

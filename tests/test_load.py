@@ -73,6 +73,7 @@ def test_tiny_model_is_built_where_config_points(tmp_path):
     assert load_tokenizer(_cfg(folder)).context_image_token == "<IMG_CONTEXT>"
 
 
+@pytest.mark.integration
 def test_model_from_s3_url_is_fetched_once(s3_server, tiny_model_dir, tmp_path):
     import s3fs
 

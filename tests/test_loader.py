@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import demo_records, write_shard_set
+from helpers.shard_sets import demo_records, write_shard_set
 from vlm_core.config import DataConfig
 from vlm_core.data.collator import Collator
 from vlm_core.data.loader import DataStats, LoaderState, ShardStream, epoch_plan, make_dataloader
@@ -133,6 +133,7 @@ def test_rejected_samples_are_reported_and_replaced(tmp_path, tokenizer, tiny_co
     assert as_log["data/skipped"] == stats.skipped and as_log["data/replaced"] == stats.replaced
 
 
+@pytest.mark.integration
 def test_reads_shards_from_s3(demo_data, preprocessor, tokenizer, s3_server):
     import s3fs
 

@@ -132,6 +132,7 @@ def _rank_worker(rank: int, world: int, init: str, reduction: str, out: str) -> 
     dist.destroy_process_group()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_two_ranks_with_accumulation_equal_whole_batch(reduction, tmp_path):
     out = tmp_path / "rank0.pt"

@@ -108,6 +108,7 @@ def test_refuses_to_publish_a_bad_merge(tiny_model_dir, adapter_dir, tmp_path):
         merge_lora(_mc(tiny_model_dir), str(tmp_path), tmp_path / "x")
 
 
+@pytest.mark.integration
 def test_adapter_from_storage_and_merged_upload(s3_server, tiny_model_dir, adapter_dir, tmp_path):
     import s3fs
 

@@ -7,15 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import s3fs
 import torch
 
-from conftest import S3_ENV, flow_run_artifacts, flow_run_logs
 from flows.merge import merge
+from helpers.flow_runs import flow_run_artifacts, flow_run_logs
+from helpers.servers import S3_ENV
 from vlm_core.checkpoints import mark_complete
 from vlm_core.config import load_config, to_json
 from vlm_core.model import build_for_training
 from vlm_core.storage import is_complete, upload_folder
+
+pytestmark = pytest.mark.integration  # the Prefect test server, moto_server, the vlmft CLI
 
 SECRET = S3_ENV["AWS_SECRET_ACCESS_KEY"]
 

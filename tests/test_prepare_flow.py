@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-import datagen as D
-from conftest import flow_run_artifacts as _artifacts
 from flows.prepare_data import prepare_data
+from helpers import data as D
+from helpers.flow_runs import flow_run_artifacts as _artifacts
 from vlm_core.config import load_config
+
+pytestmark = pytest.mark.integration  # the Prefect test server, Dask worker processes, the vlmft CLI
 
 
 @pytest.fixture

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import s3fs
 from transformers import InternVLForConditionalGeneration, Trainer, TrainingArguments
 
-from conftest import TinySamples, pad_collate
+from helpers.batches import TinySamples, pad_collate
 from vlm_core.checkpoints import COMPLETE_MARKER, fetch_latest_checkpoint, upload_new_checkpoints
 from vlm_core.trainer import CheckpointCompleteCallback
+
+pytestmark = pytest.mark.integration  # moto_server
 
 
 def _train(model_dir, tokenizer, out, max_steps, resume=None):

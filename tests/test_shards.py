@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-import datagen as D
+from helpers import data as D
 from vlm_core.config import ConfigError, DataConfig
 from vlm_core.data.manifest import read_manifest
 from vlm_core.data.shards import PrepareError, plan_shards, prepare_shards
@@ -179,6 +179,7 @@ def test_split_by_bytes_and_eval_count(good_data, tmp_path):
     assert max(s.samples for s in m.train.shards) < 8 and len(m.train.shards) > 10
 
 
+@pytest.mark.integration
 def test_s3_inputs_and_outputs(s3_server, good_data, tmp_path):
     import s3fs
 
@@ -212,6 +213,7 @@ prepare_shards(DataConfig(meta=sys.argv[1], shards=sys.argv[2], samples_per_shar
 """
 
 
+@pytest.mark.integration
 def test_killed_writer_leaves_nothing_that_looks_complete(tmp_path):
     recs = D.good_records(tmp_path / "d" / "images", 400)
     for r in recs:  # bigger images so the run lasts long enough to be killed

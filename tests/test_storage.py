@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from conftest import S3_ENV
+from helpers.servers import S3_ENV
 from vlm_core.checkpoints import (
     COMPLETE_MARKER,
     CheckpointUploader,
@@ -42,6 +42,7 @@ def _bucket(name: str) -> None:
         fs.mkdir(name)
 
 
+@pytest.mark.integration
 def test_round_trip_and_unchanged_upload_sends_nothing(s3_server, tmp_path):
     _bucket("rt-bucket")
     src = _folder(tmp_path / "src")
@@ -59,6 +60,7 @@ def test_round_trip_and_unchanged_upload_sends_nothing(s3_server, tmp_path):
     assert download_folder("s3://rt-bucket/run/ckpt", dst).files_sent == 0  # already there, verified
 
 
+@pytest.mark.integration
 def test_corrupt_or_partial_remote_is_refused(s3_server, tmp_path):
     _bucket("bad-bucket")
     src = _folder(tmp_path / "src", n=2)
@@ -72,6 +74,7 @@ def test_corrupt_or_partial_remote_is_refused(s3_server, tmp_path):
         download_folder("s3://bad-bucket/x", tmp_path / "d2")
 
 
+@pytest.mark.integration
 def test_clear_errors_for_missing_bucket_and_bad_credentials(s3_server, tmp_path, monkeypatch):
     src = _folder(tmp_path / "src", n=1)
     with pytest.raises(StorageError) as e:
@@ -90,10 +93,10 @@ def fail_fast(monkeypatch):
 
 
 def test_unreachable_endpoint_names_url_not_secret(tmp_path, fail_fast):
-    from conftest import _free_port, s3_env
+    from helpers.servers import free_port, s3_env
 
     src = _folder(tmp_path / "src", n=1)
-    with s3_env(f"http://127.0.0.1:{_free_port()}"):
+    with s3_env(f"http://127.0.0.1:{free_port()}"):
         s3fs.S3FileSystem.clear_instance_cache()
         t = time.time()
         with pytest.raises(StorageError) as e:
@@ -104,6 +107,7 @@ def test_unreachable_endpoint_names_url_not_secret(tmp_path, fail_fast):
     assert "s3://any/run" in msg and "cannot be reached" in msg and S3_ENV["AWS_SECRET_ACCESS_KEY"] not in msg
 
 
+@pytest.mark.integration
 def test_server_stopped_mid_upload_then_retry_completes(own_s3_server, tmp_path, fail_fast):
     _bucket("mid-bucket")
     src = _folder(tmp_path / "big", n=40, size=400_000)
@@ -143,6 +147,7 @@ def _ckpt(out: Path, step: int, complete: bool = True) -> Path:
     return ck
 
 
+@pytest.mark.integration
 def test_only_complete_checkpoints_upload_and_resume_fetches_newest(s3_server, tmp_path):
     _bucket("ck-bucket")
     out = tmp_path / "train"
@@ -159,6 +164,7 @@ def test_only_complete_checkpoints_upload_and_resume_fetches_newest(s3_server, t
     assert fetch_latest_checkpoint("s3://ck-bucket", "run-none", tmp_path / "none") is None
 
 
+@pytest.mark.integration
 def test_uploader_thread_uploads_while_training_writes(s3_server, tmp_path):
     _bucket("up-bucket")
     out = tmp_path / "train"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import jpeg_bytes
+from helpers.images import jpeg_bytes
 from vlm_core.config import DataConfig
 from vlm_core.data.preprocess import make_preprocessor
 from vlm_core.data.sample import Turn

@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-import datagen as D
-from conftest import _free_port
+from helpers import data as D
+from helpers.servers import free_port
 from tasks.process import process_tree
 from vlm_core.config import ConfigError, FinetuneConfig, load_config, to_json
 from vlm_core.data.shards import prepare_shards
@@ -39,7 +39,7 @@ def _cfg(tiny_model_dir, shards, out: Path, *extra: str) -> FinetuneConfig:
         "data.max_dynamic_patch=2", "data.num_workers=1", "data.shuffle_buffer=8", f"train.output_dir={out}",
         "train.per_device_batch_size=2", "train.learning_rate=3e-3", "train.warmup_ratio=0", "train.bf16=false",
         "train.lr_scheduler=constant", "train.logging_steps=1", "train.save_steps=3", "train.eval_steps=4",
-        "train.max_steps=8", "train.nproc_per_node=2", "train.deepspeed=zero2", f"train.master_port={_free_port()}",
+        "train.max_steps=8", "train.nproc_per_node=2", "train.deepspeed=zero2", f"train.master_port={free_port()}",
         "logging.report_to=[]", *extra])
 
 
@@ -64,6 +64,7 @@ def _rank_ids(out: Path, rank: int, steps_per_epoch: int) -> list[str]:
     return [i for r in rows if r["step"] < steps_per_epoch for i in r["ids"]]
 
 
+@pytest.mark.integration
 def test_two_ranks_zero2_train_on_disjoint_samples_and_learn(tiny_model_dir, shards, tmp_path):
     out = tmp_path / "z2"
     cfg = _cfg(tiny_model_dir, shards, out, "train.max_steps=16")
@@ -86,6 +87,7 @@ def test_two_ranks_zero2_train_on_disjoint_samples_and_learn(tiny_model_dir, sha
     assert any("eval_loss" in m for m in metrics) and all("data/samples" in m for m in metrics)
 
 
+@pytest.mark.integration
 def test_zero3_and_lora_adapter_only_checkpoints(tiny_model_dir, shards, tmp_path):
     z3 = tmp_path / "z3"
     _launch(_cfg(tiny_model_dir, shards, z3, "train.deepspeed=zero3", "train.max_steps=4"))
@@ -103,6 +105,7 @@ def test_zero3_and_lora_adapter_only_checkpoints(tiny_model_dir, shards, tmp_pat
     assert (ck / "adapter_model.safetensors").stat().st_size < 0.5 * (tiny_model_dir / "model.safetensors").stat().st_size
 
 
+@pytest.mark.integration
 def test_sigkill_after_checkpoint_then_resume_matches_unbroken_run(tiny_model_dir, shards, tmp_path):
     full = tmp_path / "full"
     _launch(_cfg(tiny_model_dir, shards, full, "train.max_steps=9", "train.save_total_limit=null"))
@@ -130,9 +133,10 @@ def test_sigkill_after_checkpoint_then_resume_matches_unbroken_run(tiny_model_di
         assert abs(s["losses"][str(step)] - reference[str(step)]) < 1e-4, (step, s["losses"], reference)
 
 
+@pytest.mark.integration
 def test_two_node_agents_form_one_job(tiny_model_dir, shards, tmp_path):
     out = tmp_path / "nodes"
-    port = _free_port()
+    port = free_port()
     procs = []
     for node in (0, 1):
         cfg = _cfg(tiny_model_dir, shards, out, "train.nnodes=2", "train.nproc_per_node=1", f"train.node_rank={node}",
@@ -178,6 +182,7 @@ train(from_json(open(sys.argv[1]).read()))
 """
 
 
+@pytest.mark.integration
 def test_sigterm_to_the_flow_process_kills_the_training_group(tiny_model_dir, shards, tmp_path):
     """What a Prefect worker does on cancel: SIGTERM the flow process only. No rank may survive."""
     out = tmp_path / "cancel"
@@ -200,10 +205,11 @@ def test_sigterm_to_the_flow_process_kills_the_training_group(tiny_model_dir, sh
     assert alive == [], f"training processes survived the cancel: {[p.pid for p in alive]}"
 
 
+@pytest.mark.integration
 def test_train_flow_single_process_resume_and_trackers(prefect_server, tiny_model_dir, shards, tmp_path):
     """Plain python launcher without DeepSpeed: the full-weight resume path, TensorBoard and offline W&B."""
-    from conftest import flow_run_artifacts
     from flows.train import train
+    from helpers.flow_runs import flow_run_artifacts
 
     def cfg(out, steps):
         return _cfg(tiny_model_dir, shards, out, "train.launcher=python", "train.nproc_per_node=1",

@@ -21,14 +21,14 @@ with socket.socket() as _s:
     _port = _s.getsockname()[1]
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                   MASTER_PORT=str(_port), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (conftest helpers)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (the helpers package)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 from transformers import InternVLForConditionalGeneration, Trainer, TrainingArguments  # noqa: E402
 
-from conftest import TinySamples, make_batch, pad_collate  # noqa: E402
+from helpers.batches import TinySamples, make_batch, pad_collate  # noqa: E402
 from vlm_core.model.tiny import TILE_SIZE, TOKENS_PER_TILE  # noqa: E402
 from vlm_core.trainer import CheckpointCompleteCallback  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""Small real data sets on disk for the data tests: good samples and one of every bad kind."""
+"""Small real data sets on disk for the data tests (InternVL JSONL + image files, meta JSON): good
+samples and one of every bad kind."""
 
 from __future__ import annotations
 
