@@ -86,3 +86,29 @@ def test_the_checker_sees_a_cycle_and_an_upward_import():
     graph = {"flows.a": {"vlmft.cli"}, "vlm_core.x": {"vlm_core.y"}, "vlm_core.y": {"vlm_core.x"}}
     assert find_cycle(graph) == ["vlm_core.x", "vlm_core.y", "vlm_core.x"]
     assert layer("vlmft.cli") < layer("flows.a")
+
+
+def readme_layout() -> dict[str, set[str]]:
+    """{folder: names listed for it} from the README's Layout table (continuation rows have no folder)."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Layout"):].split("\n\n")[1]
+    listed: dict[str, set[str]] = {}
+    folder = ""
+    for row in table.splitlines()[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        folder = cells[0].strip("`") or folder
+        listed.setdefault(folder, set()).update(name.strip("`") for name in cells[1].split(", "))
+    return listed
+
+
+def test_readme_layout_table_matches_the_tree():
+    listed = readme_layout()
+    for layer_name in LAYERS:
+        folder = ROOT / layer_name
+        for sub in [folder, *(p for p in folder.iterdir() if p.is_dir() and (p / "__init__.py").is_file())]:
+            key = f"{sub.relative_to(ROOT).as_posix()}/"
+            actual = {p.name for p in sub.glob("*.py") if p.name != "__init__.py" and p.name != "__main__.py"}
+            actual |= {f"{p.name}/" for p in sub.iterdir() if p.is_dir() and not (p / "__init__.py").is_file()
+                       and p.name != "__pycache__"}
+            actual |= {p.name for p in sub.glob("*.yaml")}
+            assert listed.get(key, set()) == actual, key
