@@ -33,7 +33,7 @@ from vlm_core.report import loss_curve_png, read_curves
 def report(cfg: FinetuneConfig, data: dict, trained: dict, merged: dict | None) -> None:
     out = Path(cfg.train.output_dir)
     curves = read_curves(out / "metrics.jsonl")
-    png = loss_curve_png(curves)
+    png = loss_curve_png(curves, title=f"loss curve of {cfg.name}")
     (out / "loss_curve.png").write_bytes(png)
     create_markdown_artifact(
         f"# Loss curve of `{cfg.name}`\n\n![loss and eval loss](data:image/png;base64,{base64.b64encode(png).decode()})\n\n"

@@ -1,6 +1,7 @@
-"""A loss / eval-loss curve as a PNG, drawn with PIL from the run's metrics.jsonl.
+"""A loss / eval-loss curve as a PNG, drawn with matplotlib from the run's metrics.jsonl.
 
-Written by hand (~40 lines) rather than adding matplotlib to every install for one chart.
+matplotlib is imported inside `loss_curve_png` (Agg, no pyplot and no global state, so it is safe
+from any thread) to keep `import vlm_core` fast for code that never draws a chart.
 """
 
 from __future__ import annotations
@@ -9,7 +10,11 @@ import io
 import json
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+# name in metrics.jsonl -> (legend label, colour); the colours are the ones the run report names
+CURVE_STYLE: dict[str, tuple[str, str]] = {
+    "loss": ("training loss", "#285adc"),  # blue
+    "eval_loss": ("eval loss", "#dc3c28"),  # red
+}
 
 
 def read_curves(metrics_jsonl: Path) -> dict[str, list[tuple[int, float]]]:
@@ -23,30 +28,42 @@ def read_curves(metrics_jsonl: Path) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
-def loss_curve_png(curves: dict[str, list[tuple[int, float]]], size: tuple[int, int] = (640, 360)) -> bytes:
-    w, h = size
-    pad = 40
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    points = [p for c in curves.values() for p in c]
-    if points:
-        x0, x1 = min(p[0] for p in points), max(p[0] for p in points) or 1
-        y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-        y0, y1 = (y0 - 0.05, y1 + 0.05) if y1 - y0 < 1e-6 else (y0, y1)
+def loss_curve_png(
+    curves: dict[str, list[tuple[int, float]]],
+    size: tuple[int, int] = (640, 360),
+    *,
+    title: str | None = None,
+) -> bytes:
+    """PNG bytes of exactly `size` pixels: each curve (loss, eval_loss) against the step.
 
-        def xy(step: int, value: float) -> tuple[float, float]:
-            return (pad + (step - x0) / max(x1 - x0, 1) * (w - 2 * pad), h - pad - (value - y0) / (y1 - y0) * (h - 2 * pad))
+    An empty curve is left out of the chart and the legend; with no points at all the axes are drawn
+    with a "no metrics logged" note, so a report always has an image.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-        draw.rectangle((pad, pad, w - pad, h - pad), outline=(180, 180, 180))
-        for (name, curve), colour in zip(curves.items(), [(40, 90, 220), (220, 60, 40)], strict=False):
-            if len(curve) > 1:
-                draw.line([xy(s, v) for s, v in curve], fill=colour, width=2)
-            for s, v in curve:
-                draw.ellipse([xy(s, v)[0] - 2, xy(s, v)[1] - 2, xy(s, v)[0] + 2, xy(s, v)[1] + 2], fill=colour)
-            draw.text((pad + 5 + 120 * list(curves).index(name), 10), name, fill=colour)
-        draw.text((5, pad), f"{y1:.2f}", fill="black")
-        draw.text((5, h - pad - 10), f"{y0:.2f}", fill="black")
-        draw.text((w - pad - 30, h - pad + 5), f"step {x1}", fill="black")
+    dpi = 100
+    fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, curve in curves.items():
+        if not curve:
+            continue
+        label, colour = CURVE_STYLE.get(name, (name, None))
+        steps, values = zip(*curve, strict=True)
+        ax.plot(steps, values, color=colour, label=label, linewidth=1.5,
+                marker="o" if len(curve) < 50 else None, markersize=3)
+    if any(curves.values()):
+        ax.legend(loc="upper right")
+    else:
+        ax.text(0.5, 0.5, "no metrics logged", transform=ax.transAxes, ha="center", va="center", color="gray")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
