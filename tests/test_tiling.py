@@ -22,7 +22,9 @@ from vlm_core.data.tiling import (
 
 def reference_grid(width: int, height: int, tile: int, lo: int, hi: int) -> tuple[int, int]:
     """InternVL's published rule written independently: closest ratio; among equally close grids, walk up by
-    tile count and move to a larger one only when the image area exceeds half its pixel area."""
+    tile count and move to a larger one only when the image area exceeds half its pixel area. Grids with
+    the same tile count are tried column-major here, which is not upstream's order: the sweep below avoids
+    such exact ties, and `test_grid_ties_between_grids_of_the_same_tile_count` pins upstream's results."""
     grids = [(c, r) for c in range(1, hi + 1) for r in range(1, hi + 1) if lo <= c * r <= hi]
     if not grids:
         return (1, 1)
@@ -61,6 +63,19 @@ def test_grid_sweep_matches_reference():
                 assert closest_grid(w, h, tile, lo, hi) == reference_grid(w, h, tile, lo, hi), (w, h, tile, lo, hi)
                 checked += 1
     assert checked > 1000
+
+
+@pytest.mark.parametrize(
+    ("size", "min_tiles", "max_tiles", "expected"),
+    [  # results of InternVL's own dynamic_preprocess grid code for these inputs; transformers' GotOcr2
+        # processor breaks these exact ties the other way ((2, 2), (5, 1), (3, 2)), which is why we keep ours
+        ((1000, 400), 4, 4, (4, 1)),
+        ((1300, 500), 5, 5, (1, 5)),
+        ((1500, 400), 6, 7, (6, 1)),
+    ],
+)
+def test_grid_ties_between_grids_of_the_same_tile_count(size, min_tiles, max_tiles, expected):
+    assert closest_grid(*size, 448, min_tiles, max_tiles) == expected
 
 
 def test_tie_rule_depends_on_area():
