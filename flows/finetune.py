@@ -8,8 +8,9 @@ fingerprint, training resumes from its newest complete checkpoint (or is skipped
 already holds a finished run of this configuration), uploads skip unchanged files and a merge of the
 same inputs is a no-op.
 
-`retrain` is the scheduled variant: it trains only when the data fingerprint differs from the one
-of the last successful retrain (kept in a Prefect Variable), and otherwise ends quickly, saying so.
+`retrain` is the scheduled variant: it trains only when the run identity (every setting that changes
+what the run learns, the data and the base model; vlm_core.identity) differs from the last successful
+retrain's (kept in a Prefect Variable), and otherwise ends quickly, saying so.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tasks.prepare import plan_task
 from tasks.train import train_task
 from vlm_core.checkpoints import run_url
 from vlm_core.config import FinetuneConfig
+from vlm_core.identity import compute_identity, differences, read_identity, with_run_dir
 from vlm_core.report import loss_curve_png, read_curves
 
 
@@ -49,7 +51,7 @@ def report(cfg: FinetuneConfig, data: dict, trained: dict, merged: dict | None) 
                           description="Data, training and evaluation summary of the run.")
     links = [f"- shards: `{cfg.data.shards}` (manifest.json, rejected.jsonl)", f"- run folder: `{out}`"]
     if cfg.storage.url:
-        links.append(f"- checkpoints in storage: `{run_url(cfg.storage.url, cfg.name)}/checkpoint-N`")
+        links.append(f"- checkpoints in storage: `{run_url(cfg.storage.url, trained['run_id'])}/checkpoint-N`")
     if merged:
         links.append(f"- merged model: `{merged.get('uploaded_to') or merged['out']}`")
     create_markdown_artifact("# Outputs\n\n" + "\n".join(links) + "\n", key="run-outputs",
@@ -60,6 +62,7 @@ def report(cfg: FinetuneConfig, data: dict, trained: dict, merged: dict | None) 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Prepare shards, train, upload checkpoints, publish the merged (or consolidated) model, and report."""
     data = prepare_data(cfg)
+    cfg = with_run_dir(cfg, compute_identity(cfg))  # train.run_subdir: each identity gets a folder of its own
     trained = train_task(cfg)  # called directly: a cancellation must reach the subprocess owner
     merged = merge(cfg)  # LoRA: adapter merged into the base; full fine-tune: checkpoint consolidated
     report(cfg, data, trained, merged)
@@ -68,28 +71,29 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 @flow(name="retrain")
 def retrain(cfg: FinetuneConfig) -> dict:
-    """Scheduled retraining: run `finetune` only when the data changed since the last successful retrain."""
+    """Scheduled retraining: run `finetune` only when the run identity (settings, data or base model)
+    differs from the last successful retrain's. Each identity trains in a folder of its own."""
     log = get_run_logger()
     plan = plan_task(cfg)
+    identity = compute_identity(cfg, plan.fingerprint)
     key = f"retrain-{cfg.name}".lower().replace(".", "-")
     last = Variable.get(key, default=None)
-    if last == plan.fingerprint:
+    if last == identity.id:
         create_markdown_artifact(
-            f"# Nothing to retrain\n\nThe data of `{cfg.name}` is unchanged since the last successful retrain "
-            f"(fingerprint `{plan.fingerprint[:12]}`): no training was started.",
+            f"# Nothing to retrain\n\nThe settings, data and base model of `{cfg.name}` are unchanged since the last "
+            f"successful retrain (run identity `{identity.id[:12]}`): no training was started.",
             key="retrain-decision", description="Why this scheduled run did or did not train.",
         )
-        log.info("data unchanged (fingerprint %s): skipping training", plan.fingerprint[:12])
-        return {"trained": False, "fingerprint": plan.fingerprint}
-    tag = plan.fingerprint[:8]
-    run_cfg = cfg.model_copy(update={"name": f"{cfg.name}-{tag}"})
-    run_cfg.train = cfg.train.model_copy(update={"output_dir": f"{cfg.train.output_dir.rstrip('/')}/{tag}"})
+        log.info("run identity %s unchanged: skipping training", identity.id[:12])
+        return {"trained": False, "identity": identity.id}
+    run_cfg = with_run_dir(cfg.model_copy(update={"train": cfg.train.model_copy(update={"run_subdir": True})}), identity)
+    before = read_identity(f"{cfg.train.output_dir.rstrip('/')}/{cfg.name}-{last[:8]}") if last else None
+    changed = ", ".join(differences(identity, before)) if before else "the settings, data or base model"
     create_markdown_artifact(
-        f"# Retraining\n\nThe data of `{cfg.name}` changed (fingerprint `{plan.fingerprint[:12]}`, before "
-        f"`{(last or 'none')[:12]}`): training run `{run_cfg.name}`.",
+        f"# Retraining\n\n`{cfg.name}` changed since the last successful retrain (run identity "
+        f"`{(last or 'none')[:12]}` → `{identity.id[:12]}`; changed: {changed}): training in `{run_cfg.train.output_dir}`.",
         key="retrain-decision", description="Why this scheduled run did or did not train.",
     )
     result = finetune(run_cfg)
-    Variable.set(key, plan.fingerprint, overwrite=True)
-    return {"trained": True, "fingerprint": plan.fingerprint, **result}
-
+    Variable.set(key, identity.id, overwrite=True)
+    return {"trained": True, "identity": identity.id, **result}

@@ -10,11 +10,13 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.train import train_task
 from vlm_core.config import FinetuneConfig
+from vlm_core.identity import compute_identity, with_run_dir
 
 
 @flow(name="train")
 def train(cfg: FinetuneConfig) -> dict:
     """Train the configured model on the configured shards; resume if a checkpoint exists."""
+    cfg = with_run_dir(cfg, compute_identity(cfg))  # train.run_subdir: each identity gets a folder of its own
     summary = train_task(cfg)  # called directly: a cancellation must reach the subprocess owner
     create_markdown_artifact(
         f"# Training `{cfg.name}`\n\n- steps: {summary.get('global_step')} on {summary.get('world_size')} rank(s)\n"

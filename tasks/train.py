@@ -21,9 +21,9 @@ from tasks.process import run_group
 from tasks.storage import load_storage_credentials
 from vlm_core.checkpoints import CheckpointUploader, fetch_latest_checkpoint, upload_new_checkpoints
 from vlm_core.config import FinetuneConfig, to_json
+from vlm_core.identity import claim_run_folder, compute_identity
 from vlm_core.launch import check_run, command, thread_env
 from vlm_core.progress import ProgressEvent, parse
-from vlm_core.train import config_sha
 
 
 def report_event(event: ProgressEvent, log: logging.LoggerAdapter, progress_id) -> None:
@@ -44,22 +44,27 @@ def report_event(event: ProgressEvent, log: logging.LoggerAdapter, progress_id) 
 
 @task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def train_task(cfg: FinetuneConfig) -> dict:
+    """Train the run `cfg` describes (train.output_dir already resolved by the flow, see with_run_dir)."""
     log = get_run_logger()
     out = Path(cfg.train.output_dir)
+    identity = claim_run_folder(cfg, compute_identity(cfg))  # another run's folder is refused here
+    run_id = identity.run_id(cfg.name)
+    log.info("run %s (identity %s)%s", run_id, identity.id[:12],
+             f", continuing {identity.parent['checkpoint']}" if identity.parent else "")
     done_file = out / "run_summary.json"
     done = json.loads(done_file.read_text()) if done_file.is_file() else {}
-    if done.get("config_sha") == config_sha(cfg):
-        log.info("%s already holds a finished run with this configuration: not training again", out)
+    if done.get("identity") == identity.id:
+        log.info("%s already holds this finished run: not training again", out)
         if cfg.storage.url and cfg.storage.upload_checkpoints:  # a failed upload of that run is retried here
             load_storage_credentials(cfg)
-            upload_new_checkpoints(out, cfg.storage.url, cfg.name)
+            upload_new_checkpoints(out, cfg.storage.url, run_id)
         return done
     check_run(cfg)  # fails in a second, before any process starts
     out.mkdir(parents=True, exist_ok=True)
     if cfg.storage.url:
         load_storage_credentials(cfg)
         if cfg.train.resume_from == "auto":
-            resume = fetch_latest_checkpoint(cfg.storage.url, cfg.name, out)  # local, else fetched from storage
+            resume = fetch_latest_checkpoint(cfg.storage.url, run_id, out)  # local, else fetched from storage
             if resume:
                 log.info("resuming from %s", resume)
     run_json = out / "run.json"
@@ -80,7 +85,7 @@ def train_task(cfg: FinetuneConfig) -> dict:
 
     uploader = None
     if cfg.storage.url and cfg.storage.upload_checkpoints:
-        uploader = CheckpointUploader(out, cfg.storage.url, cfg.name).start()
+        uploader = CheckpointUploader(out, cfg.storage.url, run_id).start()
     try:
         log.info("launching: %s", " ".join(cmd))
         run_group(cmd, {**os.environ, **thread_env(cfg)}, out / "train.log", on_line=on_line,

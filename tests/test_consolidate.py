@@ -143,16 +143,18 @@ def test_merge_flow_consolidates_a_full_finetune_and_uploads_it(prefect_server, 
     train = tmp_path / "train"
     shutil.copytree(zero3_run / "checkpoint-3", train / "checkpoint-3")
     shutil.copytree(zero3_run / "checkpoint-3", train / "checkpoint-9", ignore=shutil.ignore_patterns(COMPLETE_MARKER))
+    (train / "run_identity.json").write_text(json.dumps({"identity": "feedbeef" * 8}))  # as training records it
     cfg = load_config(None, ["name=full-run", f"model.path={tiny_model_dir}", "model.dtype=float32",
-                             "lora.enabled=false", f"train.output_dir={train}", "storage.url=s3://full-bucket"])
+                             "lora.enabled=false", f"train.output_dir={train}", "storage.url=s3://full-bucket",
+                             f"data.shards={tmp_path / 'no-shards'}"])
     state = merge(cfg, return_state=True)
     result = state.result()
     # checkpoint-9 is newer but incomplete (no marker): the newest *complete* one is consolidated
     assert result["source"] == "zero" and not result["skipped"]
-    assert result["uploaded_to"] == "s3://full-bucket/runs/full-run/merged"
-    assert is_complete("s3://full-bucket/runs/full-run/merged")
+    assert result["uploaded_to"] == "s3://full-bucket/runs/full-run-feedbeef/merged"
+    assert is_complete("s3://full-bucket/runs/full-run-feedbeef/merged")
     assert "checkpoint-3" in flow_run_artifacts(state.state_details.flow_run_id)["merged-model"].data
-    download_folder("s3://full-bucket/runs/full-run/merged", tmp_path / "back")
+    download_folder("s3://full-bucket/runs/full-run-feedbeef/merged", tmp_path / "back")
     trained, got = _weights(zero3_run / "final"), _weights(tmp_path / "back")
     assert all(torch.equal(got[k], trained[k]) for k in trained)
     assert merge(cfg)["skipped"] is True

@@ -105,8 +105,14 @@ def _trigger(api: str, dep_id: str, cfg: FinetuneConfig) -> str:
     return r.json()["id"]
 
 
+def _run_summaries(output_dir: str) -> dict[str, dict]:
+    """{run id: run_summary.json} of the finished runs under a train.output_dir with train.run_subdir on."""
+    found = [json.loads(p.read_text()) for p in Path(output_dir).glob("*/run_summary.json")]
+    return {s["run_id"]: s for s in found}
+
+
 def test_ui_triggered_deployment_runs_the_whole_pipeline(prefect_api, demo):
-    cfg = _cfg(demo, "ui-run")
+    cfg = _cfg(demo, "ui-run", "train.run_subdir=true")  # as deployments/finetune.yaml has it
     ids = deploy_all(cfg, pool="e2e")
     dep = _call("GET", f"{prefect_api}/deployments/{ids['finetune']}").json()
     props = dep["parameter_openapi_schema"]["definitions"]["TrainConfig"]["properties"]
@@ -117,13 +123,26 @@ def test_ui_triggered_deployment_runs_the_whole_pipeline(prefect_api, demo):
     assert fr["state"]["type"] == "COMPLETED", fr["state"]
     # every output exists: shards + manifest locally, checkpoints and the merged model in storage
     assert (Path(cfg.data.shards) / "manifest.json").is_file()
-    assert list_complete("s3://e2e-bucket/runs/ui-run", "checkpoint-") == ["checkpoint-2", "checkpoint-4"]
-    assert is_complete("s3://e2e-bucket/runs/ui-run/merged")
+    [run_id] = _run_summaries(cfg.train.output_dir)
+    assert run_id.startswith("ui-run-")
+    assert list_complete(f"s3://e2e-bucket/runs/{run_id}", "checkpoint-") == ["checkpoint-2", "checkpoint-4"]
+    assert is_complete(f"s3://e2e-bucket/runs/{run_id}/merged")
     arts = flow_run_artifacts(run)
     assert {"loss-curve", "final-metrics", "run-outputs"} <= set(arts)
     metrics = {r["metric"]: r["value"] for r in json.loads(arts["final-metrics"].data)}
     assert metrics["steps"] == 4 and metrics["train samples"] == 32
-    assert "s3://e2e-bucket/runs/ui-run/merged" in arts["run-outputs"].data
+    assert f"s3://e2e-bucket/runs/{run_id}/merged" in arts["run-outputs"].data
+
+    # one field changed in the form: a new run in a folder of its own that trains from step 0, never the old
+    # run's checkpoints under the new settings
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 1e-3})})
+    assert _wait(prefect_api, _trigger(prefect_api, ids["finetune"], changed))["state"]["type"] == "COMPLETED"
+    runs = _run_summaries(cfg.train.output_dir)
+    [new_id] = set(runs) - {run_id}
+    assert runs[new_id]["global_step"] == 4 and runs[new_id]["resumed_from"] is None
+    assert runs[new_id]["losses"] != runs[run_id]["losses"]
+    assert list_complete(f"s3://e2e-bucket/runs/{new_id}", "checkpoint-") == ["checkpoint-2", "checkpoint-4"]
+    assert is_complete(f"s3://e2e-bucket/runs/{new_id}/merged")
 
     bad = _call("POST", f"{prefect_api}/deployments/{ids['finetune']}/create_flow_run",
                 json={"parameters": {"cfg": {**cfg.model_dump(mode="json"), "train": {"deepspeed": "zero9"}}}})
@@ -159,18 +178,20 @@ def test_scheduled_retrain_trains_only_when_data_changed(prefect_api, demo):
     assert dep["schedules"][0]["schedule"]["cron"] == "30 2 * * *" and dep["schedules"][0]["active"]
 
     decisions = []
-    for change in (False, False, True):
-        if change:
+    for change in (None, None, "data", "setting"):
+        if change == "data":
             with open(data / "demo.jsonl", "a") as f:
                 f.write(json.dumps({"id": "new", "conversations": [{"from": "human", "value": "Say red."},
                                                                    {"from": "gpt", "value": "red."}]}) + "\n")
+        if change == "setting":  # same data, another learning rate: a different run, so it retrains
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 1e-3})})
         run = _trigger(prefect_api, ids["retrain-nightly"], cfg)
         assert _wait(prefect_api, run)["state"]["type"] == "COMPLETED"
         decisions.append(flow_run_artifacts(run)["retrain-decision"].data)
     assert decisions[0].startswith("# Retraining") and decisions[1].startswith("# Nothing to retrain")
-    assert decisions[2].startswith("# Retraining")
-    trained = [p for p in (Path(cfg.train.output_dir)).iterdir() if (p / "run_summary.json").exists()]
-    assert len(trained) == 2  # one run folder per data fingerprint
+    assert decisions[2].startswith("# Retraining") and "data (shard fingerprint)" in decisions[2]
+    assert decisions[3].startswith("# Retraining") and "changed: train.learning_rate)" in decisions[3]
+    assert len(_run_summaries(cfg.train.output_dir)) == 3  # one run folder per run identity
 
 
 def test_failed_after_training_then_retried_does_not_train_again(prefect_server, demo):
@@ -186,5 +207,6 @@ def test_failed_after_training_then_retried_does_not_train_again(prefect_server,
     assert summary.read_text() == first
     launches = [x for x in (Path(cfg.train.output_dir) / "train.log").read_text().splitlines() if x.startswith("$ ")]
     assert len(launches) == 1  # training ran once
-    assert list_complete("s3://retry-bucket/runs/retry", "checkpoint-") == ["checkpoint-2", "checkpoint-4"]
-    assert out["merged"]["uploaded_to"] == "s3://retry-bucket/runs/retry/merged"
+    run_id = json.loads(first)["run_id"]
+    assert list_complete(f"s3://retry-bucket/runs/{run_id}", "checkpoint-") == ["checkpoint-2", "checkpoint-4"]
+    assert out["merged"]["uploaded_to"] == f"s3://retry-bucket/runs/{run_id}/merged"

@@ -46,7 +46,8 @@ def test_merge_flow_from_storage_with_secret_block(prefect_server, s3_server, ti
         fs.mkdir("flow-bucket")
     # the run's checkpoint exists only in storage (the training machine is gone)
     ckpt = _train_adapter(tiny_model_dir, batch, tmp_path / "elsewhere" / "checkpoint-3")
-    upload_folder(ckpt, "s3://flow-bucket/runs/lora-run/checkpoint-3")
+    # stored under its run id, {name}-{identity[:8]}; no shards here, so the one run named lora-run is found
+    upload_folder(ckpt, "s3://flow-bucket/runs/lora-run-0123abcd/checkpoint-3")
 
     Secret(value=json.dumps({"AWS_ACCESS_KEY_ID": S3_ENV["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": SECRET}))\
         .save("s3-creds", overwrite=True)
@@ -55,14 +56,15 @@ def test_merge_flow_from_storage_with_secret_block(prefect_server, s3_server, ti
     s3fs.S3FileSystem.clear_instance_cache()
     cfg = load_config(None, ["name=lora-run", f"model.path={tiny_model_dir}", "model.dtype=float32",
                              "lora.enabled=true", f"train.output_dir={tmp_path / 'train'}",
+                             f"data.shards={tmp_path / 'no-shards'}",
                              "storage.url=s3://flow-bucket", "storage.secret_block=s3-creds"])
     state = merge(cfg, return_state=True)
     result = state.result()
-    assert result["uploaded_to"] == "s3://flow-bucket/runs/lora-run/merged"
-    assert is_complete("s3://flow-bucket/runs/lora-run/merged") and result["relative_diff"] <= 1e-4
+    assert result["uploaded_to"] == "s3://flow-bucket/runs/lora-run-0123abcd/merged"
+    assert is_complete("s3://flow-bucket/runs/lora-run-0123abcd/merged") and result["relative_diff"] <= 1e-4
     assert (tmp_path / "train" / "merged" / "model.safetensors").is_file()
     arts = flow_run_artifacts(state.state_details.flow_run_id)
-    assert "s3://flow-bucket/runs/lora-run/merged" in arts["merged-model"].data
+    assert "s3://flow-bucket/runs/lora-run-0123abcd/merged" in arts["merged-model"].data
 
     # the secret never shows: not in logs, artifacts, the returned value, the config or any written file
     run_id = state.state_details.flow_run_id

@@ -17,8 +17,9 @@ import pytest
 from helpers import data as D
 from helpers.servers import free_port
 from tasks.process import process_tree
-from vlm_core.config import ConfigError, FinetuneConfig, load_config, to_json
+from vlm_core.config import ConfigError, FinetuneConfig, load_config, to_json, to_yaml
 from vlm_core.data.shards import prepare_shards
+from vlm_core.identity import IdentityMismatch
 from vlm_core.launch import check_run, command, thread_env
 
 
@@ -208,6 +209,8 @@ def test_sigterm_to_the_flow_process_kills_the_training_group(tiny_model_dir, sh
 @pytest.mark.integration
 def test_train_flow_single_process_resume_and_trackers(prefect_server, tiny_model_dir, shards, tmp_path):
     """Plain python launcher without DeepSpeed: the full-weight resume path, TensorBoard and offline W&B."""
+    from prefect.settings import PREFECT_API_URL
+
     from flows.train import train
     from helpers.flow_runs import flow_run_artifacts
 
@@ -219,9 +222,26 @@ def test_train_flow_single_process_resume_and_trackers(prefect_server, tiny_mode
     unbroken = train(cfg(tmp_path / "a", 4))
     first = train(cfg(tmp_path / "b", 2))
     assert first["global_step"] == 2 and first["world_size"] == 1
-    state = train(cfg(tmp_path / "b", 4), return_state=True)  # same folder, more steps: resumes at 2
+    # more steps is another run (max_steps shapes the schedule): not continued in the old run's folder ...
+    with pytest.raises(IdentityMismatch, match=r"train.max_steps\)"):
+        train(cfg(tmp_path / "b", 4))
+    # the same refusal on the command line: one line naming both runs and the changed setting
+    (tmp_path / "b.yaml").write_text(to_yaml(cfg(tmp_path / "b", 2)))
+    res = subprocess.run([Path(sys.executable).parent / "vlmft", "train", "--config", tmp_path / "b.yaml",
+                          "train.learning_rate=1e-4"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and last.startswith(f"vlmft: train.output_dir={tmp_path / 'b'} belongs to run "
+                                                   f"{first['identity'][:12]}")
+    assert "(different: train.learning_rate)" in last and "train.resume_from=PATH" in last
+    # ... unless asked for: continue checkpoint-2 on purpose, recorded as the new run's parent
+    ckpt = tmp_path / "b" / "checkpoint-2"
+    state = train(cfg(tmp_path / "b", 4).model_copy(update={"train": cfg(tmp_path / "b", 4).train.model_copy(
+        update={"resume_from": str(ckpt)})}), return_state=True)
     resumed = state.result()
     assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["global_step"] == 4
+    assert resumed["parent"] == {"checkpoint": str(ckpt.resolve()), "identity": first["identity"]}
+    assert resumed["identity"] != first["identity"] and resumed["run_id"] == f"t-{resumed['identity'][:8]}"
     for step in ("3", "4"):
         assert abs(resumed["losses"][step] - unbroken["losses"][step]) < 1e-5
     arts = flow_run_artifacts(state.state_details.flow_run_id)

@@ -2,7 +2,7 @@
 
 The Trainer writes `checkpoint-N/` folders file by file; a folder counts as complete only once the
 training process has written `checkpoint_complete.json` into it after the save returned (on every
-rank). Only complete checkpoints are uploaded, to `{storage.url}/runs/{run_id}/checkpoint-N/`, with
+rank). Only complete checkpoints are uploaded, to `{storage.url}/runs/{name}-{identity[:8]}/checkpoint-N/` (the run id; vlm_core.identity), with
 the checksum manifest written last (vlm_core.storage), so a reader of the bucket never mistakes a
 partial upload for a checkpoint. Losing the training machine then loses at most one save interval.
 """
@@ -27,11 +27,17 @@ def checkpoint_step(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def mark_complete(folder: Path, step: int) -> None:
-    """Called by the training process once a checkpoint's save has returned."""
+def mark_complete(folder: Path, step: int, identity: str | None = None) -> None:
+    """Called by the training process once a checkpoint's save has returned; records the run identity."""
     tmp = folder / (COMPLETE_MARKER + ".tmp")
-    tmp.write_text(json.dumps({"step": step, "time": time.time()}))
+    tmp.write_text(json.dumps({"step": step, "time": time.time(), "identity": identity}))
     tmp.replace(folder / COMPLETE_MARKER)
+
+
+def checkpoint_identity(folder: Path) -> str | None:
+    """The run identity a complete checkpoint was written by (None: unknown, or not complete)."""
+    marker = folder / COMPLETE_MARKER
+    return json.loads(marker.read_text()).get("identity") if marker.is_file() else None
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -49,12 +55,21 @@ def latest_complete(output_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:
-    """The checkpoint train.resume_from asks for: the newest complete one ('auto'), none, or the given folder."""
+def resolve_resume(resume_from: str, output_dir: str | Path, identity: str | None = None) -> Path | None:
+    """The checkpoint train.resume_from asks for: the newest complete one ('auto'), none, or the given folder.
+
+    With `identity`, 'auto' refuses a newest checkpoint written by another run identity.
+    """
     if resume_from == "none":
         return None
     if resume_from == "auto":
-        return latest_complete(output_dir)
+        found = latest_complete(output_dir)
+        if found is not None and identity is not None and checkpoint_identity(found) != identity:
+            raise ConfigError(
+                f"{found} was written by run {str(checkpoint_identity(found))[:12]}, not by this run ({identity[:12]}); "
+                "use a new train.output_dir, or train.resume_from=PATH to continue it on purpose"
+            )
+        return found
     path = Path(resume_from)
     if not (path / COMPLETE_MARKER).is_file():
         raise ConfigError(f"train.resume_from={resume_from}: not a complete checkpoint (no {COMPLETE_MARKER})")

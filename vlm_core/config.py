@@ -187,6 +187,12 @@ class TrainConfig(_Section):
     """Optimisation, checkpointing and the distributed launch."""
 
     output_dir: str = Field("runs/demo/train", description="Local folder for checkpoints, logs and metrics.")
+    run_subdir: bool = Field(
+        False,
+        description="Put the run in {output_dir}/{name}-{identity[:8]}, where the identity is the hash of every "
+        "setting that changes what the run learns, the data and the base model: a changed setting then starts "
+        "a new run folder instead of being refused in the old one.",
+    )
     seed: int = Field(42, description="Random seed for weights init of new parts, data order and dropout.")
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 runs train.num_epochs epochs.")
     num_epochs: float = Field(1.0, gt=0, description="Epochs over the training shards when max_steps is -1.")
@@ -221,8 +227,9 @@ class TrainConfig(_Section):
     eval_on_start: bool = Field(False, description="Evaluate once before the first step (the baseline eval loss).")
     resume_from: str = Field(
         "auto",
-        description="'auto' resumes from the newest complete checkpoint (local or in storage), 'none' starts "
-        "fresh, anything else is a checkpoint folder.",
+        description="'auto' resumes from the newest complete checkpoint of this run (same identity: settings, "
+        "data and base model; local or in storage), 'none' starts fresh, anything else is a checkpoint folder "
+        "to continue on purpose, even with other settings (recorded as the run's parent).",
     )
     launcher: Literal["torchrun", "deepspeed", "python"] = Field(
         "torchrun", description="How training processes are started."

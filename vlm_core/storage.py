@@ -217,8 +217,8 @@ def download_folder(url: str, local: str | Path, workers: int = 8, retries: int 
     return report
 
 
-def list_complete(url: str, prefix: str = "") -> list[str]:
-    """Names of the sub-folders of `url` (starting with `prefix`) whose upload is complete."""
+def list_folders(url: str) -> list[str]:
+    """Names of the entries directly under `url`, sorted; [] when it does not exist."""
     fs, root = _fs(url)
     fs.invalidate_cache()
     try:
@@ -227,5 +227,10 @@ def list_complete(url: str, prefix: str = "") -> list[str]:
         return []
     except Exception as exc:  # noqa: BLE001
         raise _explain(exc, url, "listing") from exc
-    names = sorted(os.path.basename(e.rstrip("/")) for e in entries)
-    return [n for n in names if n.startswith(prefix) and fs.exists(f"{root}/{n}/{CHECKSUMS}")]
+    return sorted(os.path.basename(e.rstrip("/")) for e in entries)
+
+
+def list_complete(url: str, prefix: str = "") -> list[str]:
+    """Names of the sub-folders of `url` (starting with `prefix`) whose upload is complete."""
+    fs, root = _fs(url)
+    return [n for n in list_folders(url) if n.startswith(prefix) and fs.exists(f"{root}/{n}/{CHECKSUMS}")]

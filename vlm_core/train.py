@@ -44,14 +44,6 @@ def _rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
-def config_sha(cfg) -> str:
-    """What a finished run was trained with: data, model, LoRA and training settings."""
-    import hashlib
-
-    parts = {k: getattr(cfg, k).model_dump(mode="json") for k in ("data", "model", "lora", "train")}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
 def training_arguments(cfg, use_cpu: bool):
     from transformers import TrainingArguments
 
@@ -93,7 +85,7 @@ def training_arguments(cfg, use_cpu: bool):
     )
 
 
-def build_trainer(cfg, targs, model, tokenizer, resume: Path | None):
+def build_trainer(cfg, targs, model, tokenizer, resume: Path | None, identity: str | None = None):
     """The Trainer wired to the shard streams (restored to the resume point), our loss and callbacks."""
     from vlm_core.data.collator import Collator
     from vlm_core.data.loader import DataStats, ShardStream
@@ -128,7 +120,7 @@ def build_trainer(cfg, targs, model, tokenizer, resume: Path | None):
         reduction=reduction, stats=stats, sample_log=sample_log,
         compute_loss_func=lambda outputs, labels, num_items_in_batch=None: vlm_loss(
             outputs.logits, labels, reduction, normalizer=num_items_in_batch),
-        callbacks=[CheckpointCompleteCallback(), ProgressCallback(stats, sample_log, resume)],
+        callbacks=[CheckpointCompleteCallback(identity), ProgressCallback(stats, sample_log, resume)],
     )
     return trainer, stats, sample_log
 
@@ -138,11 +130,16 @@ def run(cfg) -> dict:
     import torch
 
     from vlm_core.checkpoints import resolve_resume
+    from vlm_core.identity import claim_run_folder, compute_identity, with_run_dir
     from vlm_core.launch import check_run
     from vlm_core.model import build_for_training
     from vlm_core.model.load import load_tokenizer
 
     t0 = time.time()
+    identity = compute_identity(cfg)  # every rank: the same settings, data and model give the same hash
+    cfg = with_run_dir(cfg, identity)
+    if _rank() == 0:  # refuses a folder of another run before anything is written to it
+        identity = claim_run_folder(cfg, identity)
     check_run(cfg)
     use_cpu = not torch.cuda.is_available()
     targs = training_arguments(cfg, use_cpu)
@@ -151,21 +148,24 @@ def run(cfg) -> dict:
 
         _ = targs.device  # let accelerate set up the process group first
         deepspeed.init_distributed(dist_backend="gloo")
-    resume = resolve_resume(cfg.train.resume_from, cfg.train.output_dir)
+    resume = resolve_resume(cfg.train.resume_from, cfg.train.output_dir, identity.id)
     tokenizer = load_tokenizer(cfg.model)
     # A full-weight run without DeepSpeed takes its weights from the checkpoint through from_pretrained:
     # the Trainer's own loader reads the saved (original-format) InternVL keys raw, matches none and only
     # warns. DeepSpeed and LoRA resumes restore the weights themselves.
     weights = resume if resume is not None and cfg.train.deepspeed == "none" and not cfg.lora.enabled else None
     model = build_for_training(cfg, weights_from=weights)
-    trainer, stats, sample_log = build_trainer(cfg, targs, model, tokenizer, resume)
+    trainer, stats, sample_log = build_trainer(cfg, targs, model, tokenizer, resume, identity.id)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final_eval = trainer.evaluate() if targs.eval_strategy != "no" else {}
     trainer.save_model(str(Path(cfg.train.output_dir) / "final"))  # every rank: ZeRO-3 gathers the weights
     sample_log.close()
     history = trainer.state.log_history
     summary = {
-        "config_sha": config_sha(cfg),
+        "identity": identity.id,
+        "run_id": identity.run_id(cfg.name),
+        "output_dir": cfg.train.output_dir,
+        "parent": identity.parent,
         "world_size": targs.world_size,
         "global_step": trainer.state.global_step,
         "resumed_from": str(resume) if resume else None,

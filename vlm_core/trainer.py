@@ -62,17 +62,20 @@ class VLMTrainer(Trainer):
 
 
 class CheckpointCompleteCallback(TrainerCallback):
-    """Writes `checkpoint_complete.json` once a checkpoint's save has returned.
+    """Writes `checkpoint_complete.json` (with the run identity) once a checkpoint's save has returned.
 
     The Trainer calls `on_save` after `_save_checkpoint` on every rank; under DeepSpeed that save ends
     with a barrier, so all ranks' shards are on disk by then.
     """
 
+    def __init__(self, identity: str | None = None):
+        self.identity = identity
+
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                mark_complete(folder, state.global_step)
+                mark_complete(folder, state.global_step, self.identity)
         return control
 
 

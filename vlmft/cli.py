@@ -74,7 +74,8 @@ def _cmd_train(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
 
     out = train(cfg)
     print(f"trained {out.get('global_step')} steps on {out.get('world_size')} rank(s); final eval loss "
-          f"{out.get('final_eval_loss')}; checkpoints in {cfg.train.output_dir}")
+          f"{out.get('final_eval_loss')}; checkpoints in {out.get('output_dir', cfg.train.output_dir)} "
+          f"(run {out.get('run_id')})")
     return 0
 
 
@@ -83,15 +84,17 @@ def _cmd_run(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
 
     out = finetune(cfg)
     t, d = out["train"], out["data"]
-    evals = [json.loads(x).get("eval_loss") for x in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    run_dir = Path(t.get("output_dir", cfg.train.output_dir))
+    evals = [json.loads(x).get("eval_loss") for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in evals if e is not None]
     print(f"\ndone: {d['train_samples']} train / {d['eval_samples']} eval samples ({d['rejected']} rejected) in {d['shards']}")
-    print(f"trained {t.get('global_step')} steps on {t.get('world_size')} rank(s); checkpoints in {cfg.train.output_dir}")
+    print(f"trained {t.get('global_step')} steps on {t.get('world_size')} rank(s) as run {t.get('run_id')}; "
+          f"checkpoints in {run_dir}")
     if evals:
         print(f"eval loss: {evals[0]:.3f} at the start -> {evals[-1]:.3f} at the end")
     if out["merged"]:
         print(f"merged model: {out['merged'].get('uploaded_to') or out['merged']['out']}")
-    print(f"loss curve: {Path(cfg.train.output_dir) / 'loss_curve.png'}")
+    print(f"loss curve: {run_dir / 'loss_curve.png'}")
     return 0
 
 
