@@ -121,8 +121,9 @@ def read_holder(path: Path) -> dict | None:
 
 def describe(holder: dict) -> str:
     """One line naming a holder: PID, host, start time and command."""
-    return (f"PID {holder.get('pid')} on host {holder.get('host')} (started {holder.get('started')}, "
-            f"command: {str(holder.get('command'))[:300]})")
+    command = " ".join(str(holder.get("command")).split())
+    command = command if len(command) <= 300 else command[:300] + "..."
+    return f"PID {holder.get('pid')} on host {holder.get('host')} (started {holder.get('started')}, command: {command})"
 
 
 class FolderLock:

@@ -12,7 +12,7 @@ Three steps, so that an orchestrator can fan the middle one out (Prefect's threa
    last: a folder without a manifest is incomplete by definition.
 
 Writing (begin → finalize) holds the shard folder's lock (vlm_core.lock: `.vlmft.lock` in a local
-folder, which no step here lists, deletes or fingerprints), so one writer at a time.
+folder, which no step here takes for a shard, deletes or fingerprints), so one writer at a time.
 
 Groups come from the input order and the settings, never from the number of workers, so the same
 inputs and settings give byte-identical shards however the work is spread. Training samples are
