@@ -22,7 +22,8 @@ How:
   names the dead holder (`FolderLock.took_over` carries the same line for the caller's own log). A
   lock held from another host is never taken over: this host cannot see that host's processes.
 - Checking and taking over happen under an `fcntl.flock` on a guard file in the lock directory, so
-  two processes of one host never both take over the same stale lock.
+  two processes of one host never both take over the same stale lock (take-over only ever concerns
+  holders on this host, so a guard of this host is all it needs).
 - The holder can register more PIDs (`add_pid`): the lock stays alive while any of them runs. The
   training launcher and its ranks sit in sessions of their own, so if the process that took the lock
   is SIGKILLed while they still train, the folder is still being written and stays locked.
@@ -141,11 +142,19 @@ class FolderLock:
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
-        """Serialise check-and-take-over (and rewrites) among the processes of this host."""
+        """Serialise check-and-take-over (and rewrites) among the processes of this host.
+
+        One guard file for every lock of the host: each hold lasts a few system calls, and a file per
+        lock would pile up (one per uploaded checkpoint prefix). flock works on a read-only file
+        descriptor, so every user of the machine can take it.
+        """
         folder = lock_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        key = hashlib.sha256(str(self.path).encode()).hexdigest()[:24]
-        fd = os.open(folder / f"{key}.guard", os.O_RDWR | os.O_CREAT, 0o666)
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            if not os.environ.get(LOCK_DIR_ENV):  # the default is shared by every user, like the temp dir itself
+                with contextlib.suppress(OSError):
+                    folder.chmod(0o1777)
+        fd = os.open(folder / "guard", os.O_RDONLY | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
