@@ -255,15 +255,14 @@ def test_two_train_runs_on_one_folder_and_a_sigkilled_run_resumed(prefect_server
     started = time.time()
     second = vlmft_train(4, "second.log")
     assert second.wait(timeout=120) == 2
-    took = time.time() - started
+    assert time.time() - started < 60  # Python, Prefect and torch start-up: no retry after a held lock
     said = (tmp_path / "second.log").read_text()
+    # naming the first run's PID proves it still held the lock, so both ran at once
     assert f"vlmft: {out} is locked by another training run: PID {first.pid} on host {HOST}" in said, said[-3000:]
-    assert first.poll() is None, "the first run ended before the second one was refused: no concurrency tested"
     assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # one writer: every step once
     assert not (out / LOCK_NAME).exists()
-    print(f"second run refused after {took:.1f} s")
 
     # the machine dies mid-training: every process of the run, SIGKILLed after a checkpoint
     killed = vlmft_train(12, "killed.log")

@@ -69,7 +69,7 @@ def is_lock_file(name: str) -> bool:
 
 
 def lock_dir() -> Path:
-    """Where URL locks and the take-over guards live: $VLMFT_LOCK_DIR, else <temp dir>/vlmft-locks."""
+    """Where URL locks and the take-over guard live: $VLMFT_LOCK_DIR, else <temp dir>/vlmft-locks."""
     return Path(os.environ.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / "vlmft-locks")
 
 
@@ -182,8 +182,8 @@ class FolderLock:
         info = {"what": self.what, "target": self.target, "pid": me["pid"], "host": socket.gethostname(),
                 "create_time": me["create_time"], "started": started, "command": " ".join(psutil.Process().cmdline()),
                 "token": uuid.uuid4().hex, "pids": [me]}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._guard():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             for _ in range(3):  # a lock removed or replaced under us by another host: look again
                 try:
                     fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
