@@ -6,6 +6,13 @@
 Groups of samples fan out over the flow's task runner (the default thread pool; the same flow runs
 unchanged on prefect-dask's DaskTaskRunner via `prepare_data.with_options(task_runner=...)`), at most
 `data.prepare_workers` at a time. A rerun with unchanged inputs ends after planning.
+
+Writing holds the shard folder's lock (vlm_core.lock), so a second preparation of the same
+data.shards fails at once instead of interleaving its shards and manifest with ours. The "up to
+date" path ends without the lock: it writes nothing, and a writer removes the manifest before it
+changes any shard, so a plan made while another preparation writes finds no manifest and goes on
+to the lock. Locking it too would make every `vlmft run` on shared shards fail while another run
+merely plans.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from tqdm import tqdm
 from tasks.prepare import begin_task, finalize_task, plan_task, write_group_task
 from vlm_core.config import FinetuneConfig
 from vlm_core.data.manifest import Manifest
+from vlm_core.lock import FolderLock
 
 
 def summary(cfg: FinetuneConfig, manifest: Manifest, up_to_date: bool) -> dict:
@@ -57,22 +65,25 @@ def prepare_data(cfg: FinetuneConfig) -> dict:
         log.info("shards in %s are up to date (fingerprint %s): nothing to do", cfg.data.shards, plan.fingerprint[:12])
         return summary(cfg, plan.manifest, up_to_date=True)
 
-    log.info("writing %d samples in %d groups to %s", plan.total_units, len(plan.groups), cfg.data.shards)
-    begin_task(cfg)
-    progress = create_progress_artifact(0.0, key="prepare-progress", description="Shard groups written")
-    bar = tqdm(total=plan.total_units, unit="sample", desc="shards", disable=not sys.stderr.isatty())
-    results, pending, running = [], list(plan.groups), []
-    while pending or running:  # at most data.prepare_workers groups in flight
-        while pending and len(running) < cfg.data.prepare_workers:
-            running.append(write_group_task.submit(pending.pop(0), plan.datasets, cfg))
-        fut = next(as_completed(running))
-        running.remove(fut)
-        res = fut.result()
-        results.append(res)
-        bar.update(sum(res.written.values()) + len(res.rejects))
-        update_progress_artifact(progress, 100.0 * len(results) / len(plan.groups))
-    bar.close()
-    manifest = finalize_task(plan, results, cfg)
+    with FolderLock(cfg.data.shards, "shard preparation") as lock:  # one writer per shard folder
+        if lock.took_over:
+            log.warning(lock.took_over)
+        log.info("writing %d samples in %d groups to %s", plan.total_units, len(plan.groups), cfg.data.shards)
+        begin_task(cfg)
+        progress = create_progress_artifact(0.0, key="prepare-progress", description="Shard groups written")
+        bar = tqdm(total=plan.total_units, unit="sample", desc="shards", disable=not sys.stderr.isatty())
+        results, pending, running = [], list(plan.groups), []
+        while pending or running:  # at most data.prepare_workers groups in flight
+            while pending and len(running) < cfg.data.prepare_workers:
+                running.append(write_group_task.submit(pending.pop(0), plan.datasets, cfg))
+            fut = next(as_completed(running))
+            running.remove(fut)
+            res = fut.result()
+            results.append(res)
+            bar.update(sum(res.written.values()) + len(res.rejects))
+            update_progress_artifact(progress, 100.0 * len(results) / len(plan.groups))
+        bar.close()
+        manifest = finalize_task(plan, results, cfg)
     report_artifacts(manifest)
     out = summary(cfg, manifest, up_to_date=False)
     log.info("wrote %(train_samples)d train / %(eval_samples)d eval samples, %(rejected)d rejected", out)

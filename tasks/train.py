@@ -21,8 +21,9 @@ from tasks.process import run_group
 from tasks.storage import load_storage_credentials
 from vlm_core.checkpoints import CheckpointUploader, fetch_latest_checkpoint, upload_new_checkpoints
 from vlm_core.config import FinetuneConfig, to_json
-from vlm_core.identity import claim_run_folder, compute_identity
+from vlm_core.identity import IdentityMismatch, claim_run_folder, compute_identity
 from vlm_core.launch import check_run, command, thread_env
+from vlm_core.lock import FolderLock, LockHeld
 from vlm_core.progress import ProgressEvent, parse
 
 
@@ -42,9 +43,25 @@ def report_event(event: ProgressEvent, log: logging.LoggerAdapter, progress_id) 
         log.info("checkpoint %s", f["path"])
 
 
-@task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def _unless_locked(task, task_run, state) -> bool:
+    """Retry a failed training, but not one that found its output folder locked by a live run or
+    another run's (a retry would fail the same way)."""
+    return not isinstance(state.data, LockHeld | IdentityMismatch)
+
+
+@task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=_unless_locked)
 def train_task(cfg: FinetuneConfig) -> dict:
-    """Train the run `cfg` describes (train.output_dir already resolved by the flow, see with_run_dir)."""
+    """Train the run `cfg` describes (train.output_dir already resolved by the flow, see with_run_dir).
+
+    One writer per output folder: the lock (vlm_core.lock) is held from before the checks until
+    training and the final checkpoint upload end, and covers the launcher's processes too."""
+    with FolderLock(cfg.train.output_dir, "training run") as lock:
+        if lock.took_over:
+            get_run_logger().warning(lock.took_over)
+        return _train(cfg, lock)
+
+
+def _train(cfg: FinetuneConfig, lock: FolderLock) -> dict:
     log = get_run_logger()
     out = Path(cfg.train.output_dir)
     identity = claim_run_folder(cfg, compute_identity(cfg))  # another run's folder is refused here
@@ -83,13 +100,16 @@ def train_task(cfg: FinetuneConfig) -> dict:
         else:
             report_event(event, log, progress_id)
 
+    def on_start(proc) -> None:
+        (out / "train.pid").write_text(str(proc.pid))
+        lock.add_pid(proc.pid)  # the launcher outlives this process if it is SIGKILLed: the folder stays locked
+
     uploader = None
     if cfg.storage.url and cfg.storage.upload_checkpoints:
         uploader = CheckpointUploader(out, cfg.storage.url, run_id).start()
     try:
         log.info("launching: %s", " ".join(cmd))
-        run_group(cmd, {**os.environ, **thread_env(cfg)}, out / "train.log", on_line=on_line,
-                  on_start=lambda p: (out / "train.pid").write_text(str(p.pid)))
+        run_group(cmd, {**os.environ, **thread_env(cfg)}, out / "train.log", on_line=on_line, on_start=on_start)
     finally:
         if uploader:
             sent = uploader.stop()  # final pass: the last checkpoint goes up too

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from vlm_core.config import ConfigError
+from vlm_core.lock import LockHeld
 from vlm_core.storage import StorageError, download_folder, list_complete, upload_folder
 
 COMPLETE_MARKER = "checkpoint_complete.json"
@@ -127,8 +128,9 @@ def fetch_latest_checkpoint(storage_url: str, run_id: str, output_dir: str | Pat
 class CheckpointUploader:
     """Uploads new complete checkpoints from a background thread while training runs.
 
-    A failed pass does not stop training: the next pass retries, and `failed_passes` / `last_error`
-    tell the caller what went wrong. `stop()` makes a final pass (so the last checkpoint goes up too)
+    A failed pass (storage error, or another process uploading to the same checkpoint prefix) does
+    not stop training: the next pass retries, and `failed_passes` / `last_error` tell the caller what
+    went wrong. `stop()` makes a final pass (so the last checkpoint goes up too)
     and raises if that final pass fails.
     """
 
@@ -151,7 +153,7 @@ class CheckpointUploader:
         while not self._stop.wait(self.interval):
             try:
                 self._pass()
-            except StorageError as exc:  # training goes on; the next pass retries
+            except (StorageError, LockHeld) as exc:  # training goes on; the next pass retries
                 self.failed_passes += 1
                 self.last_error = str(exc)
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from vlm_core.lock import FolderLock, is_lock_file
+
 CHECKSUMS = "SHA256SUMS.json"
 
 
@@ -56,9 +58,9 @@ def sha256_file(path: Path, chunk: int = 4 << 20) -> str:
 
 
 def _local_files(folder: Path) -> list[str]:
-    """Relative posix paths of every file under `folder` except the manifest, sorted."""
+    """Relative posix paths of every file under `folder` except the manifest and lock files, sorted."""
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.relative_to(folder).as_posix() != CHECKSUMS)
+                  if p.is_file() and p.relative_to(folder).as_posix() != CHECKSUMS and not is_lock_file(p.name))
 
 
 def local_checksums(folder: Path) -> dict[str, dict]:
@@ -135,10 +137,16 @@ def upload_folder(local: str | Path, url: str, workers: int = 8, retries: int = 
     Each worker hashes its file and uploads it at once when it differs from the stored manifest, so
     hashing overlaps the network instead of preceding it (hashing a multi-GB checkpoint first would
     delay the first byte by seconds; hashlib releases the GIL, so threads hash in parallel too).
+    One upload per destination at a time (vlm_core.lock): a second one raises LockHeld.
     """
     local = Path(local)
     if not local.is_dir():
         raise StorageError(f"cannot upload {local}: not a folder")
+    with FolderLock(url, "upload"):
+        return _upload(local, url, workers, retries)
+
+
+def _upload(local: Path, url: str, workers: int, retries: int) -> SyncReport:
     fs, root = _fs(url)
     rels = _local_files(local)
     remote = with_retries(lambda: read_remote_checksums(url), url, "checking", retries) or {}

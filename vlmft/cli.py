@@ -21,10 +21,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     `vlmft config` and `--help` do not pay for torch and webdataset."""
     from tasks.process import ProcessFailed
     from vlm_core.data.shards import PrepareError
+    from vlm_core.lock import LockHeld
     from vlm_core.publish import MergeVerificationError
     from vlm_core.storage import StorageError
 
-    return ConfigError, PrepareError, StorageError, MergeVerificationError, ProcessFailed
+    return ConfigError, PrepareError, StorageError, MergeVerificationError, ProcessFailed, LockHeld
 
 
 def _config_args() -> argparse.ArgumentParser:

@@ -11,6 +11,9 @@ Three steps, so that an orchestrator can fan the middle one out (Prefect's threa
 3. `finalize` writes `rejected.jsonl`, enforces `data.max_reject_fraction`, and writes the manifest
    last: a folder without a manifest is incomplete by definition.
 
+Writing (begin → finalize) holds the shard folder's lock (vlm_core.lock: `.vlmft.lock` in a local
+folder, which no step here takes for a shard, deletes or fingerprints), so one writer at a time.
+
 Groups come from the input order and the settings, never from the number of workers, so the same
 inputs and settings give byte-identical shards however the work is spread. Training samples are
 ordered by a hash of their key, which mixes data sets across shards deterministically.
@@ -37,6 +40,7 @@ from vlm_core.data.manifest import MANIFEST_NAME, DatasetCounts, Manifest, Shard
 from vlm_core.data.readers import DatasetSpec, read_bytes, read_meta, read_records, repeat_selection
 from vlm_core.data.sample import SCHEMA_VERSION, ImageRef, ShardSample, Source, Turn, sample_key
 from vlm_core.data.validate import LengthCheck, RecordReject, check_record
+from vlm_core.lock import FolderLock
 
 PREPARE_VERSION = 1  # bump when the shard bytes for the same inputs would change
 REJECTED_NAME = "rejected.jsonl"
@@ -426,9 +430,10 @@ def prepare_shards(
     length_check = make_length_check(model, data) if model and not plan.up_to_date else None
     if plan.up_to_date:
         return plan.manifest
-    begin(data)
-    results = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for res in pool.map(lambda g: write_group(g, plan.datasets, data, length_check), plan.groups):
-            results.append(res)
-    return finalize(plan, results, data)
+    with FolderLock(data.shards, "shard preparation"):  # one writer per shard folder
+        begin(data)
+        results = []
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for res in pool.map(lambda g: write_group(g, plan.datasets, data, length_check), plan.groups):
+                results.append(res)
+        return finalize(plan, results, data)
