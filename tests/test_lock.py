@@ -238,7 +238,7 @@ def test_two_train_runs_on_one_folder_and_a_sigkilled_run_resumed(prefect_server
     out = tmp_path / "run"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
 
-    def vlmft_train(steps: int, log: str) -> subprocess.Popen:
+    def vlmft_train(steps: int, log: str, out: Path = out) -> subprocess.Popen:
         args = ["name=locked", f"model.path={tiny_model_dir}", "model.dtype=float32", f"data.shards={shards}",
                 "data.max_dynamic_patch=2", "data.num_workers=0", "data.shuffle_buffer=4", f"train.output_dir={out}",
                 "train.launcher=python", "train.nproc_per_node=1", "train.deepspeed=none", "train.bf16=false",
@@ -264,8 +264,10 @@ def test_two_train_runs_on_one_folder_and_a_sigkilled_run_resumed(prefect_server
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # one writer: every step once
     assert not (out / LOCK_NAME).exists()
 
-    # the machine dies mid-training: every process of the run, SIGKILLed after a checkpoint
-    killed = vlmft_train(12, "killed.log")
+    # the machine dies mid-training: every process of the run, SIGKILLed after a checkpoint (a 12-step run is
+    # another run identity than the 4-step one above, so it gets a folder of its own)
+    out = tmp_path / "run12"
+    killed = vlmft_train(12, "killed.log", out)
     while not (out / "checkpoint-6" / "checkpoint_complete.json").exists():
         assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
         time.sleep(0.05)
@@ -279,7 +281,7 @@ def test_two_train_runs_on_one_folder_and_a_sigkilled_run_resumed(prefect_server
     done = max(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/checkpoint_complete.json"))
     assert done < 12
 
-    rerun = vlmft_train(12, "rerun.log")
+    rerun = vlmft_train(12, "rerun.log", out)
     assert rerun.wait(timeout=300) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
     said = (tmp_path / "rerun.log").read_text()
     assert f"took over the lock of a training run that is gone: PID {killed.pid} on host {HOST}" in said, said[-3000:]
