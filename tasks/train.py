@@ -25,6 +25,7 @@ from vlm_core.identity import IdentityMismatch, claim_run_folder, compute_identi
 from vlm_core.launch import check_run, command, thread_env
 from vlm_core.lock import FolderLock, LockHeld
 from vlm_core.progress import ProgressEvent, parse
+from vlm_core.safe_load import check_checkpoint_files
 
 
 def report_event(event: ProgressEvent, log: logging.LoggerAdapter, progress_id) -> None:
@@ -83,6 +84,7 @@ def _train(cfg: FinetuneConfig, lock: FolderLock) -> dict:
         if cfg.train.resume_from == "auto":
             resume = fetch_latest_checkpoint(cfg.storage.url, run_id, out)  # local, else fetched from storage
             if resume:
+                check_checkpoint_files(resume)  # storage is untrusted: refuse a crafted pickle before any launch
                 log.info("resuming from %s", resume)
     run_json = out / "run.json"
     run_json.write_text(to_json(cfg))

@@ -26,6 +26,7 @@ from vlm_core.publish import (
     probe_logits,
     save_verified,
 )
+from vlm_core.safe_load import check_checkpoint_files, torch_load_weights_only
 from vlm_core.storage import sha256_file
 
 ZERO_TAG_FILE = "latest"  # DeepSpeed writes the tag of the newest global_stepN/ here
@@ -100,7 +101,8 @@ def _zero_model(folder: Path, config) -> torch.nn.Module:
     from transformers import InternVLForConditionalGeneration
     from transformers.initialization import no_init_weights
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(folder))
+    with torch_load_weights_only():  # zero_to_fp32 asks for weights_only=False
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder))
     for prefix in ("module.", "_orig_mod."):  # wrappers (DDP-style, torch.compile) some scripts train through
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
@@ -161,6 +163,7 @@ def consolidate_checkpoint(
     base_path = resolve_model_path(model)
     base_cfg = check_model_folder(base_path, model.trust_remote_code)
     folder = _checkpoint_folder(checkpoint_dir, model.cache_dir)
+    check_checkpoint_files(folder)  # a crafted pickle fails here, naming the file, before anything reads it
     dtype, tolerance = dtype_and_tolerance(base_cfg, dtype, tolerance)
     out = Path(out)
     fp = checkpoint_fingerprint(base_path, folder, dtype)

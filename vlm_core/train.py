@@ -134,6 +134,7 @@ def run(cfg) -> dict:
     from vlm_core.launch import check_run
     from vlm_core.model import build_for_training
     from vlm_core.model.load import load_tokenizer
+    from vlm_core.safe_load import check_checkpoint_files, torch_load_weights_only
 
     t0 = time.time()
     identity = compute_identity(cfg)  # every rank: the same settings, data and model give the same hash
@@ -149,6 +150,8 @@ def run(cfg) -> dict:
         _ = targs.device  # let accelerate set up the process group first
         deepspeed.init_distributed(dist_backend="gloo")
     resume = resolve_resume(cfg.train.resume_from, cfg.train.output_dir, identity.id)
+    if resume is not None:  # a crafted pickle in it fails here, naming the file, before anything reads it
+        check_checkpoint_files(resume)
     tokenizer = load_tokenizer(cfg.model)
     # A full-weight run without DeepSpeed takes its weights from the checkpoint through from_pretrained:
     # the Trainer's own loader reads the saved (original-format) InternVL keys raw, matches none and only
@@ -156,7 +159,8 @@ def run(cfg) -> dict:
     weights = resume if resume is not None and cfg.train.deepspeed == "none" and not cfg.lora.enabled else None
     model = build_for_training(cfg, weights_from=weights)
     trainer, stats, sample_log = build_trainer(cfg, targs, model, tokenizer, resume, identity.id)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with torch_load_weights_only():  # DeepSpeed's own resume loads ask for weights_only=False
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final_eval = trainer.evaluate() if targs.eval_strategy != "no" else {}
     trainer.save_model(str(Path(cfg.train.output_dir) / "final"))  # every rank: ZeRO-3 gathers the weights
     sample_log.close()
