@@ -217,9 +217,10 @@ def test_resume_from_a_crafted_checkpoint_fails_naming_the_file(genuine, tiny_mo
     ckpt = _copy_run(genuine, "zero2", tmp_path / "run")
     bad = ckpt / "global_step1" / "mp_rank_00_model_states.pt"
     craft(bad, tmp_path / "pwned")
-    rc, log = _finish(_start(_cfg(tiny_model_dir, shards, tmp_path / "run", "zero2", "train.max_steps=2")))
-    assert rc == 2 and f"vlm_core.train: {bad}: {REFUSED}" in log, log[-4000:]  # resume_from=auto: checkpoint-1
-    assert not (tmp_path / "pwned").exists() and not (tmp_path / "run" / "checkpoint-2").exists()
+    cfg = _cfg(tiny_model_dir, shards, tmp_path / "more", "zero2", "train.max_steps=2", f"train.resume_from={ckpt}")
+    rc, log = _finish(_start(cfg))
+    assert rc == 2 and f"vlm_core.train: {bad}: {REFUSED}" in log, log[-4000:]
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "more" / "checkpoint-2").exists()
 
 
 @pytest.mark.integration
@@ -228,9 +229,10 @@ def test_vlmft_train_refuses_a_crafted_checkpoint_from_storage(s3_server, genuin
     fs = s3fs.S3FileSystem()
     fs.mkdir("safe-load-bucket")
     _copy_run(genuine, "zero2", tmp_path / "machine1")
-    assert upload_new_checkpoints(tmp_path / "machine1", "s3://safe-load-bucket", "safe") == ["checkpoint-1"]
+    run_id = json.loads((genuine["zero2"].parent / "run_summary.json").read_text())["run_id"]  # name-identity
+    assert upload_new_checkpoints(tmp_path / "machine1", "s3://safe-load-bucket", run_id) == ["checkpoint-1"]
 
-    remote = "safe-load-bucket/runs/safe/checkpoint-1"
+    remote = f"safe-load-bucket/runs/{run_id}/checkpoint-1"
     bad = tmp_path / "rng_state.pth"
     fs.get_file(f"{remote}/rng_state.pth", str(bad))
     craft(bad, tmp_path / "pwned")
@@ -241,7 +243,7 @@ def test_vlmft_train_refuses_a_crafted_checkpoint_from_storage(s3_server, genuin
     fs.invalidate_cache()
 
     out = tmp_path / "machine2"  # a new machine: nothing local, the checkpoint comes from storage
-    cfg = _cfg(tiny_model_dir, shards, out, "zero2", "train.max_steps=2", "storage.url=s3://safe-load-bucket")
+    cfg = _cfg(tiny_model_dir, shards, out, "zero2", "storage.url=s3://safe-load-bucket")  # the same run
     (tmp_path / "cfg.yaml").write_text(to_json(cfg))
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     res = subprocess.run([sys.executable, "-m", "vlmft", "train", "--config", str(tmp_path / "cfg.yaml")],
