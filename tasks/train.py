@@ -25,7 +25,7 @@ from vlm_core.identity import IdentityMismatch, claim_run_folder, compute_identi
 from vlm_core.launch import check_run, command, thread_env
 from vlm_core.lock import FolderLock, LockHeld
 from vlm_core.progress import ProgressEvent, parse
-from vlm_core.safe_load import check_checkpoint_files
+from vlm_core.safe_load import UnsafeCheckpointError, check_checkpoint_files
 
 
 def report_event(event: ProgressEvent, log: logging.LoggerAdapter, progress_id) -> None:
@@ -46,8 +46,8 @@ def report_event(event: ProgressEvent, log: logging.LoggerAdapter, progress_id) 
 
 def _unless_locked(task, task_run, state) -> bool:
     """Retry a failed training, but not one that found its output folder locked by a live run or
-    another run's (a retry would fail the same way)."""
-    return not isinstance(state.data, LockHeld | IdentityMismatch)
+    another run's, or its checkpoint tampered with (a retry would fail the same way)."""
+    return not isinstance(state.data, LockHeld | IdentityMismatch | UnsafeCheckpointError)
 
 
 @task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=_unless_locked)

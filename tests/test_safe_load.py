@@ -251,6 +251,7 @@ def test_vlmft_train_refuses_a_crafted_checkpoint_from_storage(s3_server, genuin
     fetched = out / "checkpoint-1" / "rng_state.pth"
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
     assert f"vlmft: {fetched}: {REFUSED}" in res.stderr  # downloaded (checksums matched), then refused
+    assert "Retry 1/1" not in res.stdout + res.stderr  # a retry would find the same file
     assert not (out / "train.log").exists()  # no training process was ever launched
     assert not (tmp_path / "pwned").exists()
 
