@@ -125,8 +125,8 @@ def _refused(name: str, exc: Exception) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         f"{name}: refused to load: it asks the unpickler for {what}, which DeepSpeed and the HF Trainer never "
         "write into a checkpoint, so the file was not written by them or was tampered with (loading it could run "
-        "code). Do not use this checkpoint: delete it (locally and in storage) or resume from another one "
-        "(train.resume_from), and find out who could write it"
+        "code). Do not use this checkpoint: delete it (locally and in storage), use another one (train.resume_from, "
+        "vlmft merge --adapter), and find out who could write it"
     )
 
 
@@ -154,7 +154,7 @@ def check_checkpoint_files(folder: str | Path) -> list[Path]:
 
     Memory-mapped (every file DeepSpeed and the Trainer write is in torch's zip format), so the check
     unpickles each file's object structure but does not read its tensor data: multi-GB optimizer shards
-    cost a page fault or two, not a full read.
+    cost a few page faults, not a full read (only a legacy, non-zip torch.save file is read in full).
     """
     files = checkpoint_pickle_files(folder)
     for path in files:
