@@ -219,16 +219,7 @@ def test_registered_pid_keeps_the_lock_alive(tmp_path):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, tiny_model_dir) -> Path:
-    from vlm_core.config import load_config
-    from vlm_core.data.shards import prepare_shards
-
-    root = tmp_path_factory.mktemp("lock-data")
-    D.write_jsonl(root / "d" / "ann.jsonl", D.good_records(root / "d" / "images", 12))
-    meta = D.make_meta(root, {"d": {"root": "d/images", "annotation": "d/ann.jsonl"}})
-    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.meta={meta}", f"data.shards={root / 'shards'}",
-                             "data.samples_per_shard=6", "data.eval_count=2", "data.max_dynamic_patch=2"])
-    prepare_shards(cfg.data, model=cfg.model)
-    return root / "shards"
+    return D.training_shards(tmp_path_factory.mktemp("lock-data"), tiny_model_dir, 12, 6, 2)
 
 
 @pytest.mark.integration

@@ -27,7 +27,6 @@ from helpers.servers import free_port
 from vlm_core.checkpoints import upload_new_checkpoints
 from vlm_core.config import FinetuneConfig, ModelConfig, load_config, to_json
 from vlm_core.consolidate import consolidate_checkpoint
-from vlm_core.data.shards import prepare_shards
 from vlm_core.launch import command, thread_env
 from vlm_core.safe_load import (
     UnsafeCheckpointError,
@@ -64,13 +63,7 @@ def craft(path: Path, marker: Path) -> None:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, tiny_model_dir) -> Path:
-    root = tmp_path_factory.mktemp("safe-load-data")
-    D.write_jsonl(root / "d" / "ann.jsonl", D.good_records(root / "d" / "images", 8))
-    meta = D.make_meta(root, {"d": {"root": "d/images", "annotation": "d/ann.jsonl"}})
-    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.meta={meta}", f"data.shards={root / 'shards'}",
-                             "data.samples_per_shard=4", "data.eval_count=0", "data.max_dynamic_patch=2"])
-    prepare_shards(cfg.data, model=cfg.model)
-    return root / "shards"
+    return D.training_shards(tmp_path_factory.mktemp("safe-load-data"), tiny_model_dir, 8, 4, 0)
 
 
 def _cfg(tiny_model_dir: Path, shards: Path, out: Path, stage: str, *extra: str) -> FinetuneConfig:

@@ -18,20 +18,13 @@ from helpers import data as D
 from helpers.servers import free_port
 from tasks.process import process_tree
 from vlm_core.config import ConfigError, FinetuneConfig, load_config, to_json, to_yaml
-from vlm_core.data.shards import prepare_shards
 from vlm_core.identity import IdentityMismatch
 from vlm_core.launch import check_run, command, thread_env
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, tiny_model_dir) -> Path:
-    root = tmp_path_factory.mktemp("train-data")
-    D.write_jsonl(root / "d" / "ann.jsonl", D.good_records(root / "d" / "images", 20))
-    meta = D.make_meta(root, {"d": {"root": "d/images", "annotation": "d/ann.jsonl"}})
-    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.meta={meta}", f"data.shards={root / 'shards'}",
-                             "data.samples_per_shard=6", "data.eval_count=4", "data.max_dynamic_patch=2"])
-    prepare_shards(cfg.data, model=cfg.model)
-    return root / "shards"
+    return D.training_shards(tmp_path_factory.mktemp("train-data"), tiny_model_dir, 20, 6, 4)
 
 
 def _cfg(tiny_model_dir, shards, out: Path, *extra: str) -> FinetuneConfig:

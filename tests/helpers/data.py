@@ -129,3 +129,18 @@ def bad_dataset(folder: Path) -> tuple[list[dict], list[bytes], dict[str, int]]:
         "not_utf8": 1,
     }
     return records, raw, expected
+
+
+def training_shards(root: Path, model_dir: Path, n: int, samples_per_shard: int, eval_count: int) -> Path:
+    """Shards of `n` good records under root/shards, written by the project's own prepare step for the
+    tiny model: the data the training, lock and checkpoint tests train on."""
+    from vlm_core.config import load_config
+    from vlm_core.data.shards import prepare_shards
+
+    write_jsonl(root / "d" / "ann.jsonl", good_records(root / "d" / "images", n))
+    meta = make_meta(root, {"d": {"root": "d/images", "annotation": "d/ann.jsonl"}})
+    cfg = load_config(None, [f"model.path={model_dir}", f"data.meta={meta}", f"data.shards={root / 'shards'}",
+                             f"data.samples_per_shard={samples_per_shard}", f"data.eval_count={eval_count}",
+                             "data.max_dynamic_patch=2"])
+    prepare_shards(cfg.data, model=cfg.model)
+    return root / "shards"
