@@ -399,6 +399,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = out
         for depth, key in enumerate(keys):
             valid = _section_fields(tuple(keys[:depth]))
+            if depth and not valid:
+                raise ConfigError(f"override {text!r}: {'.'.join(keys[:depth])} is a setting, not a section; "
+                                  f"use {'.'.join(keys[:depth])}=VALUE")
             if key not in valid:
                 close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
                 path = ".".join(keys[: depth + 1])
