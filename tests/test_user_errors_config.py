@@ -200,7 +200,7 @@ PREFLIGHT_CASES = [
     Case("storage_url_without_bucket", ["train", *TRAIN, "storage.url=s3://"], ["storage.url=s3://: the URL names no bucket"],
          needs=("prefect",)),
     Case("storage_unreachable", ["train", *TRAIN, "storage.url=s3://some-bucket/runs"],
-         ["storage.url=s3://some-bucket/runs", "cannot be reached; check AWS_ENDPOINT_URL"], _unreachable_endpoint,
+         ["storage.url: checking the bucket of s3://some-bucket/runs failed", "cannot be reached; check AWS_ENDPOINT_URL"], _unreachable_endpoint,
          ("prefect", "s3")),
     Case("storage_local_is_file", ["train", *TRAIN, "storage.url={tmp}/store.txt"], ["storage.url={tmp}/store.txt is a file"],
          _write("store.txt", b"x"), ("prefect",)),
