@@ -77,7 +77,7 @@ CONFIG_CASES = [
     Case("max_steps_0", ["train", "train.max_steps=0"], ["train.max_steps: must be at least 1, or -1"]),
     Case("max_steps_minus_2", ["train", "train.max_steps=-2"], ["train.max_steps: must be greater than or equal to -1"]),
     # folders: never empty (the working directory), output folders local
-    Case("output_dir_empty", ["train", "train.output_dir="], ["train.output_dir: must not be empty", "name a folder"]),
+    Case("output_dir_empty", ["train", "train.output_dir="], ["train.output_dir: must not be empty", "set a path"]),
     Case("output_dir_blank", ["run", "--config", "{tmp}/c.yaml"], ["train.output_dir: must not be empty"],
          _write("c.yaml", b"train:\n  output_dir: '  '\n")),
     Case("output_dir_url", ["train", "train.output_dir=s3://b/runs"], ["train.output_dir: must be a local folder", "storage.url"]),
@@ -89,6 +89,8 @@ CONFIG_CASES = [
          _write("c.yaml", "name: café\n".encode("latin-1"))),
     Case("yaml_utf16", ["train", "--config", "{tmp}/c.yaml"], ["{tmp}/c.yaml is UTF-16 text; save it as UTF-8"],
          _write("c.yaml", "name: x\n".encode("utf-16"))),
+    Case("yaml_utf16_no_bom", ["train", "--config", "{tmp}/c.yaml"], ["{tmp}/c.yaml is UTF-16 text"],
+         _write("c.yaml", "name: x\n".encode("utf-16-le"))),
     Case("yaml_list", ["train", "--config", "{tmp}/c.yaml"], ["{tmp}/c.yaml: expected a mapping of config sections"],
          _write("c.yaml", b"- train\n- data\n")),
     Case("yaml_scalar", ["train", "--config", "{tmp}/c.yaml"], ["{tmp}/c.yaml: expected a mapping"], _write("c.yaml", b"just text\n")),

@@ -31,9 +31,9 @@ class _Section(BaseModel):
 
 
 def _folder(value: str, url_ok: bool = True) -> str:
-    """A folder setting: not empty (that would mean the working directory), local when `url_ok` is false."""
+    """A path setting: not empty (that would mean the working directory), local when `url_ok` is false."""
     if not value.strip():
-        raise ValueError("must not be empty (an empty path means the working directory); name a folder")
+        raise ValueError("must not be empty (an empty path means the working directory); set a path")
     if not url_ok and "://" in value:
         raise ValueError("must be a local folder, not a URL (object storage goes in storage.url)")
     return value
@@ -446,7 +446,7 @@ def _read_text(p: Path) -> str:
         raw = p.read_bytes()
     except OSError as exc:
         raise ConfigError(f"config file {p} cannot be read ({exc.strerror or exc}); check its permissions") from None
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw[:256]:  # with or without byte-order mark
         raise ConfigError(f"config file {p} is UTF-16 text; save it as UTF-8")
     try:
         return raw.decode("utf-8-sig")
