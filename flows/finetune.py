@@ -25,10 +25,12 @@ from prefect.variables import Variable
 from flows.merge import merge
 from flows.prepare_data import prepare_data
 from tasks.prepare import plan_task
+from tasks.storage import load_storage_credentials
 from tasks.train import train_task
 from vlm_core.checkpoints import run_url
 from vlm_core.config import FinetuneConfig
 from vlm_core.identity import compute_identity, differences, read_identity, with_run_dir
+from vlm_core.preflight import preflight
 from vlm_core.report import loss_curve_png, read_curves
 
 
@@ -61,6 +63,9 @@ def report(cfg: FinetuneConfig, data: dict, trained: dict, merged: dict | None) 
 @flow(name="finetune")
 def finetune(cfg: FinetuneConfig) -> dict:
     """Prepare shards, train, upload checkpoints, publish the merged (or consolidated) model, and report."""
+    if cfg.storage.url:
+        load_storage_credentials(cfg)
+    preflight(cfg, "run")  # all but the shards (not prepared yet): storage fails now, not after training
     data = prepare_data(cfg)
     cfg = with_run_dir(cfg, compute_identity(cfg))  # train.run_subdir: each identity gets a folder of its own
     trained = train_task(cfg)  # called directly: a cancellation must reach the subprocess owner

@@ -22,6 +22,7 @@ from tasks.storage import load_storage_credentials, upload_folder_task
 from vlm_core.checkpoints import checkpoint_identity, newest_checkpoint, run_url
 from vlm_core.config import ConfigError, FinetuneConfig
 from vlm_core.identity import locate_run
+from vlm_core.preflight import preflight
 
 
 def newest_adapter(cfg: FinetuneConfig, run_id: str | None) -> str:
@@ -43,6 +44,7 @@ def merge(cfg: FinetuneConfig, adapter: str | None = None, out: str | None = Non
     """Merge the run's LoRA adapter into its base model (or consolidate a full fine-tune), verify, publish."""
     if cfg.storage.url:
         load_storage_credentials(cfg)
+    preflight(cfg, "merge")  # the base model and storage, before the merge loads anything
     cfg, run_id = locate_run(cfg)
     if cfg.storage.url and run_id is None:
         raise ConfigError(

@@ -28,6 +28,7 @@ from tasks.prepare import begin_task, finalize_task, plan_task, write_group_task
 from vlm_core.config import FinetuneConfig
 from vlm_core.data.manifest import Manifest
 from vlm_core.lock import FolderLock
+from vlm_core.preflight import preflight
 
 
 def summary(cfg: FinetuneConfig, manifest: Manifest, up_to_date: bool) -> dict:
@@ -60,6 +61,7 @@ def report_artifacts(manifest: Manifest) -> None:
 def prepare_data(cfg: FinetuneConfig) -> dict:
     """Validate the data named by cfg.data.meta and write shards + manifest to cfg.data.shards."""
     log = get_run_logger()
+    preflight(cfg, "prepare")  # settings, buckets, folders and the model, before any shard is written
     plan = plan_task(cfg)
     if plan.up_to_date:
         log.info("shards in %s are up to date (fingerprint %s): nothing to do", cfg.data.shards, plan.fingerprint[:12])

@@ -8,14 +8,19 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from tasks.storage import load_storage_credentials
 from tasks.train import train_task
 from vlm_core.config import FinetuneConfig
 from vlm_core.identity import compute_identity, with_run_dir
+from vlm_core.preflight import preflight
 
 
 @flow(name="train")
 def train(cfg: FinetuneConfig) -> dict:
     """Train the configured model on the configured shards; resume if a checkpoint exists."""
+    if cfg.storage.url:
+        load_storage_credentials(cfg)
+    preflight(cfg, "train")  # settings, shards, model, output folder and storage, before any process starts
     cfg = with_run_dir(cfg, compute_identity(cfg))  # train.run_subdir: each identity gets a folder of its own
     summary = train_task(cfg)  # called directly: a cancellation must reach the subprocess owner
     create_markdown_artifact(

@@ -4,7 +4,8 @@
 overrides on the command line), the Prefect flow parameter (so the UI form shows every field with
 its help text), and the JSON handed to the training subprocess. Every field carries a description;
 choices are `Literal`s. Bad input raises `ConfigError`, which names the key path, what is allowed
-and, for a misspelt key, the closest valid one.
+and, for a misspelt key, the closest valid one, in one line. Every number must be finite (an
+infinite learning rate would pass `gt=0` and be written to run.json as `null`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 LLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VISION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2"]
@@ -26,7 +27,16 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _folder(value: str, url_ok: bool = True) -> str:
+    """A path setting: not empty (that would mean the working directory), local when `url_ok` is false."""
+    if not value.strip():
+        raise ValueError("must not be empty (an empty path means the working directory); set a path")
+    if not url_ok and "://" in value:
+        raise ValueError("must be a local folder, not a URL (object storage goes in storage.url)")
+    return value
 
 
 class DataConfig(_Section):
@@ -100,6 +110,11 @@ class DataConfig(_Section):
         True, description="Shuffle the order of shards every epoch (seeded by train.seed and the epoch)."
     )
 
+    @field_validator("meta", "shards")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        return _folder(value)
+
     @model_validator(mode="after")
     def _tiles(self) -> DataConfig:
         if self.min_dynamic_patch > self.max_dynamic_patch:
@@ -147,6 +162,16 @@ class ModelConfig(_Section):
         False,
         description="Freeze the language model, embeddings and LM head (always frozen under LoRA on the LLM).",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return _folder(value)
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_dir(cls, value: str) -> str:
+        return _folder(value, url_ok=False)
 
 
 class LoraConfig(_Section):
@@ -239,6 +264,18 @@ class TrainConfig(_Section):
     node_rank: int = Field(0, ge=0, description="This node's rank (multi-node launches).")
     master_addr: str = Field("127.0.0.1", description="Address of the rank-0 node.")
     master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on the rank-0 node.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, value: str) -> str:
+        return _folder(value, url_ok=False)
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be at least 1, or -1 to run train.num_epochs epochs (0 would still train one step)")
+        return value
 
     @model_validator(mode="after")
     def _nodes(self) -> TrainConfig:
@@ -339,7 +376,7 @@ def validate_config(data: dict[str, Any], source: str = "config") -> FinetuneCon
         return FinetuneConfig.model_validate(data)
     except ValidationError as exc:
         lines = [_format_error(e) for e in exc.errors()]
-        raise ConfigError(f"invalid configuration in {source}:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError(f"invalid configuration in {source}: " + "; ".join(lines)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -350,7 +387,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from None
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
     return key.strip().split("."), value
 
 
@@ -362,6 +399,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = out
         for depth, key in enumerate(keys):
             valid = _section_fields(tuple(keys[:depth]))
+            if depth and not valid:
+                raise ConfigError(f"override {text!r}: {'.'.join(keys[:depth])} is a setting, not a section; "
+                                  f"use {'.'.join(keys[:depth])}=VALUE")
             if key not in valid:
                 close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
                 path = ".".join(keys[: depth + 1])
@@ -376,6 +416,46 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    return f"{context + ': ' if context else ''}{problem}{where}"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_text(p: Path) -> str:
+    """The config file as text: UTF-8 (a byte-order mark is fine); anything else is named in one line."""
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file {p} cannot be read ({exc.strerror or exc}); check its permissions") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw[:256]:  # with or without byte-order mark
+        raise ConfigError(f"config file {p} is UTF-16 text; save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {p} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        ) from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
     """Load a YAML (or JSON) config file, apply `key.path=value` overrides, validate.
 
@@ -387,12 +467,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         source = str(p)
+        if p.is_dir():
+            raise ConfigError(f"config file {p} is a folder (pass --config with a YAML file, e.g. configs/demo.yaml)")
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist (pass --config with a YAML file, e.g. configs/demo.yaml)")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = yaml.load(_read_text(p), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping of config sections at the top level")
     if overrides:

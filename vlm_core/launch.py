@@ -4,7 +4,8 @@
 launcher the config asks for: plain python (one process), torchrun (N processes per node, one or
 several nodes with a static rendezvous at master_addr:master_port), or the deepspeed launcher
 (N processes, or several nodes from a hostfile). Everything that can be checked without starting
-processes is checked in `check_run`, so a bad config fails in a second, not after model loading.
+processes is checked in `check_run`, so a bad config fails in a second, not after model loading;
+`check_launch` is the part that needs no shards yet (run before the prepare step of a whole run).
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ def deepspeed_config_path(cfg: FinetuneConfig) -> Path | None:
     return DS_CONFIG_DIR / f"{cfg.train.deepspeed}.json"
 
 
-def check_run(cfg: FinetuneConfig) -> None:
-    """Everything about a run that can fail before launch, with the key to fix in the message."""
-    from vlm_core.data.manifest import read_manifest
+def check_launch(cfg: FinetuneConfig) -> None:
+    """The launch settings and the model folder's config.json, with the key to fix in the message."""
+    from vlm_core.model.load import check_model_source
 
     t = cfg.train
     gradient_accumulation(cfg)
@@ -71,6 +72,14 @@ def check_run(cfg: FinetuneConfig) -> None:
             f"train.launcher=python starts one process but train.nproc_per_node x train.nnodes = {world_size(cfg)}; "
             "use train.launcher=torchrun or deepspeed"
         )
+    check_model_source(cfg.model)  # a non-InternVL folder would otherwise fail in every rank
+
+
+def check_run(cfg: FinetuneConfig) -> None:
+    """Everything about a run that can fail before launch, with the key to fix in the message."""
+    from vlm_core.data.manifest import read_manifest
+
+    check_launch(cfg)
     manifest = read_manifest(cfg.data.shards)
     if manifest is None:
         raise ConfigError(

@@ -10,6 +10,11 @@ error message here ever includes them: errors name the URL and what to check.
 
 Written by hand on top of fsspec rather than with `fs.put(recursive=True)` because that has no
 completion marker, no checksum skip and no per-file retry.
+
+Before any work starts, `check_scheme`, `check_bucket` and `probe_writable` tell in one line
+whether a URL setting can be used at all: a known scheme, an existing bucket (never created
+implicitly: a typo in a bucket name must not become a new bucket) and, for storage.url, write
+access proven by writing and deleting a small object.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import posixpath
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,9 +35,11 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from vlm_core.config import ConfigError
 from vlm_core.lock import FolderLock, is_lock_file
 
 CHECKSUMS = "SHA256SUMS.json"
+BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})  # object stores with buckets
 
 
 class StorageError(RuntimeError):
@@ -74,11 +82,11 @@ def _fs(url: str):
     return fs, root.rstrip("/")
 
 
-def _explain(exc: BaseException, url: str, action: str) -> StorageError:
-    """Turn a client error into a message that names the URL and the fix (and no credential)."""
-    text = f"{type(exc).__name__}: {exc}"
+def _explain(exc: BaseException, url: str, action: str, key: str = "storage.url") -> StorageError:
+    """Turn a client error into a one-line message that names the URL and the fix (and no credential)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
     if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text:
-        hint = "the bucket or path does not exist; create the bucket or fix storage.url"
+        hint = f"the bucket or path does not exist; create the bucket or fix {key}"
     elif isinstance(exc, PermissionError) or any(k in text for k in ("AccessDenied", "InvalidAccessKeyId",
                                                                      "SignatureDoesNotMatch", "Forbidden")):
         hint = "access denied; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the Prefect Secret block)"
@@ -242,3 +250,47 @@ def list_complete(url: str, prefix: str = "") -> list[str]:
     """Names of the sub-folders of `url` (starting with `prefix`) whose upload is complete."""
     fs, root = _fs(url)
     return [n for n in list_folders(url) if n.startswith(prefix) and fs.exists(f"{root}/{n}/{CHECKSUMS}")]
+
+
+def check_scheme(key: str, url: str) -> None:
+    """Fail in one line when the setting `key`'s URL scheme has no filesystem here (unknown, or its
+    package is not installed); a plain path passes."""
+    protocol, _ = fsspec.core.split_protocol(url)
+    if protocol is None:
+        return
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise ConfigError(f"{key}={url}: unknown URL scheme '{protocol}://'; use a local path or an fsspec URL "
+                          "such as s3://bucket/prefix") from None
+    except ImportError as exc:
+        raise ConfigError(f"{key}={url}: the {protocol}:// scheme needs a package that is not installed ({exc})") from None
+
+
+def check_bucket(key: str, url: str) -> None:
+    """Fail when the bucket of an object-store URL does not exist (a bucket is never created implicitly);
+    other URLs and plain paths pass."""
+    protocol, _ = fsspec.core.split_protocol(url)
+    if protocol not in BUCKET_PROTOCOLS:
+        return
+    fs, root = _fs(url)
+    bucket = root.split("/", 1)[0]
+    if not bucket:
+        raise ConfigError(f"{key}={url}: the URL names no bucket; use {protocol}://BUCKET/prefix")
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        raise StorageError(f"{key}={url}: bucket '{bucket}' does not exist, and it is never created implicitly; "
+                           f"create it first or fix {key}") from None
+    except Exception as exc:  # noqa: BLE001 - explained
+        raise _explain(exc, url, f"{key}: checking the bucket of", key) from exc
+
+
+def probe_writable(key: str, url: str) -> None:
+    """Prove that `url` (an object store or other remote folder) takes writes: its bucket exists, and a
+    small object written under it can be deleted again. Not retried: a failing probe fails the step."""
+    check_bucket(key, url)
+    fs, root = _fs(url)
+    probe = f"{root}/.vlmft-write-probe-{uuid.uuid4().hex[:12]}"
+    with_retries(lambda: fs.pipe_file(probe, b"probe"), url, f"{key}: writing a test object to", retries=0)
+    with_retries(lambda: fs.rm_file(probe), url, f"{key}: deleting the test object from", retries=0)

@@ -4,7 +4,9 @@ We build on transformers' own `InternVLForConditionalGeneration` (the `*-hf` che
 than re-implementing the model. This module adds what a training run needs around
 `from_pretrained`: a model given as a URL is fetched once into a local cache; the folder is checked
 *before* loading so a wrong path or a non-InternVL model fails with a message that says what to fix;
-dtype, attention kernel and gradient checkpointing come from `ModelConfig`.
+dtype, attention kernel and gradient checkpointing come from `ModelConfig`. `check_model_source`
+is the same check as a pre-flight: it reads only config.json, so a wrong model.path fails before
+any data is prepared or any training process starts.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def fetch_to_cache(url: str, cache_dir: str | Path, subdir: str = "", verified: 
     so a checkpoint re-uploaded under the same URL is never served stale from the cache.
     Credentials come from the environment (e.g. AWS_* for S3).
     """
-    target = Path(cache_dir).expanduser() / subdir / hashlib.sha256(url.encode()).hexdigest()[:16]
+    target = cache_folder(url, cache_dir, subdir)
     if verified and (target / COMPLETE_MARKER).exists():
         from vlm_core.storage import download_folder
 
@@ -62,6 +64,11 @@ def fetch_to_cache(url: str, cache_dir: str | Path, subdir: str = "", verified: 
         shutil.rmtree(target)
     tmp.rename(target)
     return target
+
+
+def cache_folder(url: str, cache_dir: str | Path, subdir: str = "") -> Path:
+    """Where fetch_to_cache keeps its copy of `url` (complete when COMPLETE_MARKER is inside)."""
+    return Path(cache_dir).expanduser() / subdir / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 def _copy_folder(url: str, dest: Path) -> None:
@@ -90,6 +97,8 @@ def resolve_model_path(cfg: ModelConfig) -> Path:
 
 def check_model_folder(folder: Path, trust_remote_code: bool = False) -> dict:
     """Return the folder's config.json as a dict, or raise a ConfigError saying what is wrong."""
+    if folder.is_file():
+        raise ConfigError(f"model.path={folder} is a file; point model.path at the checkpoint's folder")
     if not folder.is_dir():
         raise ConfigError(
             f"model.path={folder}: folder does not exist. Point model.path at a local InternVL checkpoint "
@@ -99,28 +108,83 @@ def check_model_folder(folder: Path, trust_remote_code: bool = False) -> dict:
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise ConfigError(f"model.path={folder}: no config.json there; this is not a transformers model folder")
-    config = json.loads(cfg_file.read_text())
+    try:
+        raw = cfg_file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"model.path={folder}: config.json cannot be read ({exc.strerror or exc}); "
+                          "check its permissions") from None
+    config = _parse_config(raw, str(folder))
+    _check_model_type(config, str(folder))
+    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    if not has_weights:
+        raise ConfigError(f"model.path={folder}: config.json is there but no weight files (*.safetensors)")
+    _check_remote_code(config, str(folder), trust_remote_code)
+    return config
+
+
+def _parse_config(raw: bytes, where: str) -> dict:
+    try:
+        config = json.loads(raw)
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise ConfigError(f"model.path={where}: config.json is not valid JSON ({exc}); the checkpoint folder is "
+                          "damaged or not a transformers model") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"model.path={where}: config.json holds a {type(config).__name__}, not an object; "
+                          "this is not a transformers model folder")
+    return config
+
+
+def _check_model_type(config: dict, where: str) -> None:
     model_type = config.get("model_type")
     if model_type == "internvl_chat":
         raise ConfigError(
-            f"model.path={folder}: this is the original InternVL format (model_type 'internvl_chat'). Use the "
+            f"model.path={where}: this is the original InternVL format (model_type 'internvl_chat'). Use the "
             "transformers-format checkpoint instead (the '-hf' repositories, e.g. OpenGVLab/InternVL3-1B-hf), "
             "or convert it with transformers' convert_internvl_weights_to_hf.py."
         )
     if model_type != "internvl":
         raise ConfigError(
-            f"model.path={folder}: config.json has model_type {model_type!r}, not 'internvl'. This pipeline "
+            f"model.path={where}: config.json has model_type {model_type!r}, not 'internvl'. This pipeline "
             "fine-tunes InternVL models in transformers format (InternVLForConditionalGeneration)."
         )
-    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
-    if not has_weights:
-        raise ConfigError(f"model.path={folder}: config.json is there but no weight files (*.safetensors)")
+
+
+def _check_remote_code(config: dict, where: str, trust_remote_code: bool) -> None:
     if config.get("auto_map") and not trust_remote_code:
         raise ConfigError(
-            f"model.path={folder}: the checkpoint asks to run its own code (auto_map in config.json); review "
+            f"model.path={where}: the checkpoint asks to run its own code (auto_map in config.json); review "
             "it and set model.trust_remote_code=true to allow it"
         )
-    return config
+
+
+def check_model_source(cfg: ModelConfig) -> None:
+    """Pre-flight: model.path names an InternVL checkpoint, judged by its config.json alone (nothing is
+    loaded or downloaded). A missing folder passes when model.build_tiny_if_missing will build it."""
+    path = cfg.path.removeprefix("file://")
+    if not _is_url(path):
+        folder = Path(path).expanduser()
+        if not (cfg.build_tiny_if_missing and not folder.exists()):
+            check_model_folder(folder, cfg.trust_remote_code)
+        return
+    cached = cache_folder(path, cfg.cache_dir)
+    if (cached / COMPLETE_MARKER).exists():
+        check_model_folder(cached, cfg.trust_remote_code)
+        return
+    import fsspec
+
+    from vlm_core.storage import _explain
+
+    try:
+        with fsspec.open(f"{path.rstrip('/')}/config.json", "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"model.path={path}: no config.json at that URL (expected an InternVL checkpoint "
+                          "folder in transformers format)") from None
+    except Exception as exc:  # noqa: BLE001 - explained
+        raise _explain(exc, path, "model.path: reading config.json of", "model.path") from exc
+    config = _parse_config(raw, path)
+    _check_model_type(config, path)
+    _check_remote_code(config, path, cfg.trust_remote_code)
 
 
 def pick_attn_implementation(choice: str) -> str:
