@@ -79,6 +79,7 @@ def retrain(cfg: FinetuneConfig) -> dict:
     """Scheduled retraining: run `finetune` only when the run identity (settings, data or base model)
     differs from the last successful retrain's. Each identity trains in a folder of its own."""
     log = get_run_logger()
+    preflight(cfg, "run")  # a scheduled run with a broken setting fails before it reads the data
     plan = plan_task(cfg)
     identity = compute_identity(cfg, plan.fingerprint)
     key = f"retrain-{cfg.name}".lower().replace(".", "-")
