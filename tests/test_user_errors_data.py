@@ -27,7 +27,7 @@ import webdataset as wds
 from helpers import data as D
 from vlm_core.config import DataConfig, ModelConfig
 from vlm_core.data import images, readers, validate
-from vlm_core.data.shards import prepare_shards
+from vlm_core.data.shards import plan_shards, prepare_shards
 
 GOOD = 16  # good records in the data set "a" of every case
 DROP = object()  # a meta field left out
@@ -220,6 +220,8 @@ FILE_CASES = [
              "file, blank lines only, or an empty list)", "fill it or remove the data set from data.meta="]),
     FileCase("annotation_blank_lines_only", annotation(lambda ls: b"\n  \n\t\r\n\n"), ["has no records"]),
     FileCase("annotation_bom_only", annotation(lambda ls: b"\xef\xbb\xbf\n"), ["has no records"]),
+    FileCase("json_list_named_jsonl", annotation(_json_list), ["ann.jsonl holds one JSON list, not JSON lines: "
+             "name it .json"]),
     FileCase("json_annotation_empty_list", annotation(lambda ls: b"[]", name="list.json"), ["has no records"]),
     FileCase("json_annotation_is_a_dict", annotation(lambda ls: ls[0], name="list.json"), [
              "a .json annotation file must hold a list of records", "got a JSON dict"]),
@@ -420,25 +422,40 @@ def test_data_augment_true_is_named_as_unused(tmp_path):
     assert manifest.train.samples == GOOD
     assert manifest.warnings == ["data set 'a': data_augment=true is not used (vlmft does not augment images); its "
                                  "samples are trained as they are"]
+    D.make_meta(tmp_path, {"a": _entry(data_augment=False)})  # not part of the fingerprint: still up to date
+    plan = plan_shards(DataConfig(meta=str(meta), shards=str(tmp_path / "out"), eval_fraction=0.0))
+    assert plan.up_to_date and plan.manifest.warnings == []  # the notes of this planning, not the stored ones
+
+
+def test_an_eval_fraction_over_half_is_a_warning(tmp_path):
+    meta = meta_with()(tmp_path)
+    manifest = prepare_shards(DataConfig(meta=str(meta), shards=str(tmp_path / "out"), eval_fraction=0.75))
+    assert manifest.eval.samples == 12 and manifest.warnings == [
+        "data.eval_fraction=0.75 holds out 12 of 16 usable samples for evaluation, leaving 4 for training; lower "
+        "data.eval_fraction"]
 
 
 @pytest.mark.integration
-def test_an_eval_split_over_half_the_data_is_a_warning(prefect_server, tiny_model_dir, tmp_path, capfd):
+def test_an_eval_split_over_half_the_data_is_a_warning(prefect_server, tiny_model_dir, tmp_path):
+    from prefect.logging.handlers import APILogHandler
+
     from flows.prepare_data import prepare_data
+    from helpers.flow_runs import flow_run_logs
     from vlm_core.config import load_config
     from vlmft.cli import main
 
     meta = meta_with()(tmp_path)
     args = [f"model.path={tiny_model_dir}", f"data.meta={meta}", f"data.shards={tmp_path / 'shards'}",
             "data.eval_count=24"]
-    note = "data.eval_count=24 holds out 15 of 16 usable samples for evaluation, leaving 1 for training"
-    capfd.readouterr()
+    note = ("data.eval_count=24 holds out 15 of 16 usable samples for evaluation, leaving 1 for training; lower "
+            "data.eval_count")
     assert main(["prepare", *args]) == 0
-    out, err = capfd.readouterr()
-    assert note in out + err  # the Prefect log, on the console
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
-    assert manifest["train"]["samples"] == 1 and manifest["warnings"] == [note + "; lower data.eval_count"]
-    again = prepare_data(load_config(None, args))  # up to date: the note still comes back
-    assert again["up_to_date"] and again["warnings"] == [note + "; lower data.eval_count"]
+    assert manifest["train"]["samples"] == 1 and manifest["warnings"] == [note]
+    state = prepare_data(load_config(None, args), return_state=True)  # up to date: the note comes back again
+    out = state.result()
+    assert out["up_to_date"] and out["warnings"] == [note]
+    APILogHandler().flush()
+    assert note in flow_run_logs(state.state_details.flow_run_id)
     half = prepare_data(load_config(None, [*args[:2], f"data.shards={tmp_path / 'half'}", "data.eval_fraction=0.5"]))
-    assert half["warnings"] == []  # half is not more than half
+    assert half["warnings"] == [] and half["train_samples"] == 8  # half is not more than half

@@ -250,6 +250,14 @@ def read_records(spec: DatasetSpec, data: bytes) -> list[RawRecord]:
         fix = ("decompress it" if encoding.startswith("gzip") else
                f"convert it, e.g. iconv -f {source} -t UTF-8 {name} > {posixpath.splitext(name)[0]}.utf8.jsonl")
         raise ConfigError(f"{where} is {encoding}; JSONL annotations must be UTF-8 text: {fix}")
+    if data.lstrip(UTF8_BOM + b" \t\r\n").startswith(b"["):
+        try:
+            whole = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            whole = None
+        if isinstance(whole, list):
+            raise ConfigError(f"{where} holds one JSON list, not JSON lines: name it .json, or write one record "
+                              "per line")
     records = []
     # splitlines: LF, CRLF and CR-only endings alike (JSON text holds no raw CR or LF inside a value)
     for i, raw in enumerate(data.splitlines(), start=1):

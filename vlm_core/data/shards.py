@@ -247,17 +247,18 @@ def plan_shards(data: DataConfig, extra_fingerprint: str = "") -> Plan:
     fingerprint = _sha(json.dumps(
         {"version": PREPARE_VERSION, "schema": SCHEMA_VERSION, "settings": settings, "inputs": fp_parts,
          "extra": extra_fingerprint}, sort_keys=True))
+    held_out = _eval_ids([(specs[di], sid) for di, _, sid, _ in checked], data)
+    note = _eval_warning(len(held_out), len(checked), data)
+    if note:
+        warnings.append(note)
     plan = Plan(fingerprint, settings, specs, rejects=rejects, counts=counts, warnings=warnings)
     existing = read_manifest(data.shards)
     if existing is not None and existing.fingerprint == fingerprint and _shards_present(data.shards, existing):
         check_reject_fraction(existing.datasets, existing.rejected_by_reason, data)  # the limit may be new
-        plan.manifest = existing
+        # this planning's notes: a key outside the fingerprint (data_augment) may have changed since
+        plan.manifest = existing.model_copy(update={"warnings": warnings})
         return plan
 
-    held_out = _eval_ids([(specs[di], sid) for di, _, sid, _ in checked], data)
-    note = _eval_warning(len(held_out), len(checked), data)
-    if note:
-        plan.warnings.append(note)
     train: list[Unit] = []
     evals: list[Unit] = []
     for di, line, sid, ok in checked:
