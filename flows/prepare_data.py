@@ -5,7 +5,9 @@
 
 Groups of samples fan out over the flow's task runner (the default thread pool; the same flow runs
 unchanged on prefect-dask's DaskTaskRunner via `prepare_data.with_options(task_runner=...)`), at most
-`data.prepare_workers` at a time. A rerun with unchanged inputs ends after planning.
+`data.prepare_workers` at a time. A rerun with unchanged inputs ends after planning. Notes on the
+inputs that are not errors (the manifest's `warnings`) are logged as warnings on every run and
+returned under "warnings".
 
 Writing holds the shard folder's lock (vlm_core.lock), so a second preparation of the same
 data.shards fails at once instead of interleaving its shards and manifest with ours. The "up to
@@ -41,6 +43,7 @@ def summary(cfg: FinetuneConfig, manifest: Manifest, up_to_date: bool) -> dict:
         "train_shards": len(manifest.train.shards),
         "rejected": sum(manifest.rejected_by_reason.values()),
         "up_to_date": up_to_date,
+        "warnings": list(manifest.warnings),
     }
 
 
@@ -65,7 +68,11 @@ def prepare_data(cfg: FinetuneConfig) -> dict:
     plan = plan_task(cfg)
     if plan.up_to_date:
         log.info("shards in %s are up to date (fingerprint %s): nothing to do", cfg.data.shards, plan.fingerprint[:12])
+        for note in plan.manifest.warnings:
+            log.warning(note)
         return summary(cfg, plan.manifest, up_to_date=True)
+    for note in plan.warnings:
+        log.warning(note)
 
     with FolderLock(cfg.data.shards, "shard preparation") as lock:  # one writer per shard folder
         if lock.took_over:

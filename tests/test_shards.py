@@ -150,7 +150,7 @@ def test_too_many_rejects_fail_the_run_with_counts(tmp_path):
     n = sum(expected.values())
     assert f"{n} of {n + 1} samples rejected" in str(e.value)
     assert "path_escapes_root 3" in str(e.value) and "data.max_reject_fraction=50.0%" in str(e.value)
-    assert not (out / "manifest.json").exists() and (out / "rejected.jsonl").exists()
+    assert not (out / "manifest.json").exists() and (out / "rejected.jsonl").exists() and not list(out.glob("*.tar"))
 
 
 def test_bad_meta_names_file_and_field(tmp_path):

@@ -22,6 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 REASONS = (
+    "empty_image_path",
     "path_escapes_root",
     "missing_image",
     "empty_image",
@@ -55,8 +56,10 @@ class ShardImage:
 
 
 def join_under_root(root: str, rel: str) -> str:
-    """Join an annotation's image path to its root, refusing absolute paths and `..` escapes."""
-    if not rel or rel.startswith(("/", "\\")) or "://" in rel or (len(rel) > 1 and rel[1] == ":"):
+    """Join an annotation's image path to its root, refusing empty and absolute paths and `..` escapes."""
+    if not rel.strip():
+        raise ImageReject("empty_image_path", f"image path {rel!r} is empty; name the image file under {root}")
+    if rel.startswith(("/", "\\")) or "://" in rel or (len(rel) > 1 and rel[1] == ":"):
         raise ImageReject("path_escapes_root", f"image path {rel!r} must be relative to the dataset root")
     norm = posixpath.normpath(rel.replace("\\", "/"))
     if norm == ".." or norm.startswith("../"):

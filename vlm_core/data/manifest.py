@@ -53,6 +53,8 @@ class Manifest(BaseModel):
     datasets: dict[str, DatasetCounts] = Field(default_factory=dict, description="Counts per input dataset.")
     rejected_by_reason: dict[str, int] = Field(default_factory=dict, description="Rejected samples per reason.")
     settings: dict = Field(default_factory=dict, description="The settings that shaped the shards.")
+    warnings: list[str] = Field(default_factory=list, description="Notes on the inputs and settings that are not "
+                                "errors (e.g. an eval split that takes most of the data), one line each.")
 
     def shard_urls(self, folder: str, split: str = "train") -> list[str]:
         """Full URLs (or paths) of a split's shards, given the folder the manifest lives in."""

@@ -3,8 +3,9 @@
 One shard sample = one tar key (no dots) with `<key>.json` (this record) and one member per image,
 `<key>.img0.jpg`, `<key>.img1.png`, ... in text order. The record keeps everything needed to train
 on the sample and to trace it back to its input: the original `id`, the conversation exactly as
-given (LLaVA-style `from`/`value` turns with `<image>` placeholders), each image's member name, original
-path and size, the source dataset, file and line, and the dataset's tile budget.
+given (LLaVA-style `from`/`value` turns with `<image>` placeholders, and any other key a turn carries,
+e.g. a `weight`: kept, not used by training, so nothing of the input is silently lost), each image's
+member name, original path and size, the source dataset, file and line, and the dataset's tile budget.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ IGNORE_INDEX = -100  # the label of a token the loss skips (PyTorch's and transf
 Speaker = Literal["system", "human", "gpt"]  # LLaVA / InternVL `from` values
 SPEAKERS: tuple[str, ...] = get_args(Speaker)
 CHATML_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}  # speaker -> ChatML role
+# Text a turn may not contain: the ChatML and InternVL image tokens. The tokenizer reads them as
+# control tokens, so a turn holding one would end a turn early or fake an image span.
+RESERVED_TOKENS = ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>")
 
 
 def with_image_placeholder(turns: list[tuple[str, str]], n_images: int) -> list[tuple[str, str]]:
@@ -35,9 +39,9 @@ def with_image_placeholder(turns: list[tuple[str, str]], n_images: int) -> list[
 
 
 class Turn(BaseModel):
-    """One conversation turn as InternVL / LLaVA annotations write it."""
+    """One conversation turn as InternVL / LLaVA annotations write it; other keys are kept as given."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     from_: Speaker = Field(alias="from", description="Speaker of the turn.")
     value: str = Field(description="Turn text; `<image>` marks where each image goes.")

@@ -4,12 +4,19 @@ Three steps, so that an orchestrator can fan the middle one out (Prefect's threa
 
 1. `plan_shards` reads every annotation (cheap: no image is opened), checks each record's
    structure, rejects duplicate ids, picks the held-out split, fingerprints inputs + settings, and
-   cuts the samples into groups of `data.samples_per_shard`. If `manifest.json` already holds that
+   cuts the samples into groups of `data.samples_per_shard`. A whole input that cannot give samples
+   (an empty annotation file, a repeat_time that keeps no record or makes more than
+   `readers.MAX_SAMPLES`) fails here, before anything is written. If `manifest.json` already holds that
    fingerprint and its shards are all there, the plan says `up_to_date` and nothing else runs.
 2. `write_group` (independent per group) reads and checks the images of one group and writes its
    shard(s), each to a temporary name renamed (or uploaded) only when complete.
-3. `finalize` writes `rejected.jsonl`, enforces `data.max_reject_fraction`, and writes the manifest
-   last: a folder without a manifest is incomplete by definition.
+3. `finalize` writes `rejected.jsonl`, fails when no training sample is left or more than
+   `data.max_reject_fraction` was rejected (removing the shards just written: only rejected.jsonl
+   stays, to say why), and writes the manifest last: a folder without a manifest is incomplete by
+   definition.
+
+What the user should know but is not an error (an evaluation split that takes most of the data,
+turn keys that training does not use) is kept as `Plan.warnings` and `Manifest.warnings`.
 
 Writing (begin → finalize) holds the shard folder's lock (vlm_core.lock: `.vlmft.lock` in a local
 folder, which no step here takes for a shard, deletes or fingerprints), so one writer at a time.
@@ -29,20 +36,28 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import fsspec
 import webdataset as wds
 from fsspec.implementations.local import LocalFileSystem
 
-from vlm_core.config import DataConfig, ModelConfig
+from vlm_core.config import ConfigError, DataConfig, ModelConfig
 from vlm_core.data.images import ImageReject, ShardImage, check_image, join_under_root, read_image_bytes
 from vlm_core.data.manifest import MANIFEST_NAME, DatasetCounts, Manifest, ShardInfo, SplitInfo, read_manifest
-from vlm_core.data.readers import DatasetSpec, read_bytes, read_meta, read_records, repeat_selection
+from vlm_core.data.readers import (
+    MAX_SAMPLES,
+    DatasetSpec,
+    read_bytes,
+    read_meta,
+    read_records,
+    repeat_selection,
+)
 from vlm_core.data.sample import SCHEMA_VERSION, ImageRef, ShardSample, Source, Turn, sample_key
 from vlm_core.data.validate import LengthCheck, RecordReject, check_record
 from vlm_core.lock import FolderLock
 
-PREPARE_VERSION = 1  # bump when the shard bytes for the same inputs would change
+PREPARE_VERSION = 2  # bump when the shard bytes for the same inputs would change
 REJECTED_NAME = "rejected.jsonl"
 SHAPING_SETTINGS = (
     "eval_fraction", "eval_count", "samples_per_shard", "max_shard_bytes", "max_image_pixels",
@@ -52,7 +67,7 @@ SHAPING_SETTINGS = (
 
 
 class PrepareError(RuntimeError):
-    """The prepare step as a whole failed (e.g. too many rejected samples)."""
+    """The prepare step as a whole failed (an empty input, no training sample left, too many rejected)."""
 
 
 @dataclass
@@ -84,6 +99,7 @@ class Plan:
     rejects: list[dict] = field(default_factory=list)
     counts: dict[str, DatasetCounts] = field(default_factory=dict)
     manifest: Manifest | None = None
+    warnings: list[str] = field(default_factory=list)  # for the log and the manifest
 
     @property
     def up_to_date(self) -> bool:
@@ -131,6 +147,39 @@ def _image_stamps(spec: DatasetSpec, paths: set[str]) -> dict[str, str]:
     return stamps
 
 
+def _eval_warning(held: int, usable: int, data: DataConfig) -> str | None:
+    """A note when the held-out split takes more than half of the usable samples."""
+    if held * 2 <= usable:
+        return None
+    if data.eval_count is not None:
+        key = f"data.eval_count={data.eval_count}"
+    else:
+        key = f"data.eval_fraction={data.eval_fraction}"
+    return (f"{key} holds out {held} of {usable} usable samples for evaluation, leaving {usable - held} for "
+            f"training; lower {key.split('=')[0]}")
+
+
+def _read_dataset(spec: DatasetSpec, data: DataConfig, planned: int) -> tuple[bytes, list, int]:
+    """(annotation bytes, records, records used) of one data set; an input that cannot give samples fails."""
+    where = f"data set {spec.name!r}: annotation {spec.annotation}"
+    raw = read_bytes(spec.annotation, where, "the annotation file (JSONL, or a JSON list) in it")
+    records = read_records(spec, raw)
+    n = len(records)
+    if not n:
+        fix = "fill it" if spec.annotation == data.meta else f"fill it or remove the data set from data.meta={data.meta}"
+        raise PrepareError(f"{where} has no records (an empty file, blank lines only, or an empty list); {fix}")
+    used, copies = repeat_selection(n, spec.repeat_time)
+    if not used:
+        raise PrepareError(f"data set {spec.name!r}: repeat_time={spec.repeat_time:g} keeps floor({n} x "
+                           f"{spec.repeat_time:g}) = 0 of its {n} records; raise repeat_time to at least {1 / n:.3g}")
+    if planned + used * copies > MAX_SAMPLES:
+        before = f" ({planned + used * copies:,} with the data sets before it)" if planned else ""
+        raise ConfigError(f"data.meta={data.meta}, data set {spec.name!r}: repeat_time={spec.repeat_time:g} x {used:,} "
+                          f"records = {used * copies:,} training samples{before}, more than the {MAX_SAMPLES:,} one "
+                          "preparation writes (each repeat is a stored copy); lower repeat_time")
+    return raw, records, used
+
+
 def _eval_ids(valid: list[tuple[DatasetSpec, str]], data: DataConfig) -> set[tuple[str, str]]:
     """The held-out (data set, id) pairs: the N smallest hashes, N from eval_count or eval_fraction."""
     n = data.eval_count if data.eval_count is not None else round(data.eval_fraction * len(valid))
@@ -152,10 +201,16 @@ def plan_shards(data: DataConfig, extra_fingerprint: str = "") -> Plan:
     counts = {s.name: DatasetCounts() for s in specs}
     checked: list[tuple[int, int, str, object]] = []  # (dataset, line, id, CheckedRecord)
     fp_parts: list[dict] = []
+    warnings: list[str] = []
+    planned = 0  # training samples so far, repeats counted
     for di, spec in enumerate(specs):
-        raw = read_bytes(spec.annotation)
-        records = read_records(spec, raw)
-        used, _ = repeat_selection(len(records), spec.repeat_time)
+        raw, records, used = _read_dataset(spec, data, planned)
+        planned += used * repeat_selection(1, spec.repeat_time)[1]
+        if spec.data_augment:
+            warnings.append(f"data set {spec.name!r}: data_augment=true is not used (vlmft does not augment "
+                            "images); its samples are trained as they are")
+        extra_keys: set[str] = set()
+        extra_records = 0
         counts[spec.name].lines = len(records)
         counts[spec.name].selected = used
         seen: dict[str, int] = {}
@@ -177,6 +232,13 @@ def plan_shards(data: DataConfig, extra_fingerprint: str = "") -> Plan:
             seen[sid] = rec.line
             image_paths.update(ok.images)
             checked.append((di, rec.line, sid, ok))
+            if ok.extra_turn_keys:
+                extra_keys |= ok.extra_turn_keys
+                extra_records += 1
+        if extra_keys:
+            warnings.append(f"data set {spec.name!r}: {extra_records} record(s) have turn keys besides from/value "
+                            f"({', '.join(sorted(extra_keys))}); they are kept in the shard records, but training "
+                            "does not use them")
         fp_parts.append({
             "name": spec.name, "root": spec.root, "annotation": spec.annotation, "repeat_time": spec.repeat_time,
             "max_dynamic_patch": spec.max_dynamic_patch, "annotation_sha256": hashlib.sha256(raw).hexdigest(),
@@ -185,14 +247,18 @@ def plan_shards(data: DataConfig, extra_fingerprint: str = "") -> Plan:
     fingerprint = _sha(json.dumps(
         {"version": PREPARE_VERSION, "schema": SCHEMA_VERSION, "settings": settings, "inputs": fp_parts,
          "extra": extra_fingerprint}, sort_keys=True))
-    plan = Plan(fingerprint, settings, specs, rejects=rejects, counts=counts)
+    held_out = _eval_ids([(specs[di], sid) for di, _, sid, _ in checked], data)
+    note = _eval_warning(len(held_out), len(checked), data)
+    if note:
+        warnings.append(note)
+    plan = Plan(fingerprint, settings, specs, rejects=rejects, counts=counts, warnings=warnings)
     existing = read_manifest(data.shards)
     if existing is not None and existing.fingerprint == fingerprint and _shards_present(data.shards, existing):
         check_reject_fraction(existing.datasets, existing.rejected_by_reason, data)  # the limit may be new
-        plan.manifest = existing
+        # this planning's notes: a key outside the fingerprint (data_augment) may have changed since
+        plan.manifest = existing.model_copy(update={"warnings": warnings})
         return plan
 
-    held_out = _eval_ids([(specs[di], sid) for di, _, sid, _ in checked], data)
     train: list[Unit] = []
     evals: list[Unit] = []
     for di, line, sid, ok in checked:
@@ -351,7 +417,8 @@ def write_group(
 
 
 def finalize(plan: Plan, results: list[GroupResult], data: DataConfig) -> Manifest:
-    """Write rejected.jsonl, check the reject fraction, then write manifest.json last."""
+    """Write rejected.jsonl, check that training samples are left and the reject fraction, then write
+    manifest.json last."""
     rejects = list(plan.rejects)
     seen_lines = {(r["dataset"], r["line"]) for r in rejects}
     counts = {k: v.model_copy() for k, v in plan.counts.items()}
@@ -378,9 +445,15 @@ def finalize(plan: Plan, results: list[GroupResult], data: DataConfig) -> Manife
     fs, root = fsspec.core.url_to_fs(data.shards)
     with fs.open(f"{root}/{REJECTED_NAME}", "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejects)
-    check_reject_fraction(counts, by_reason, data)
+    try:
+        if not splits["train"].samples:
+            _no_training_sample(counts, by_reason, splits["eval"].samples, data)
+        check_reject_fraction(counts, by_reason, data)
+    except PrepareError:  # without a manifest the shards are of no use: leave only rejected.jsonl
+        _remove_stale_shards(fs, root, keep=set())
+        raise
     manifest = Manifest(fingerprint=plan.fingerprint, train=splits["train"], eval=splits["eval"], datasets=counts,
-                        rejected_by_reason=by_reason, settings=plan.settings)
+                        rejected_by_reason=by_reason, settings=plan.settings, warnings=plan.warnings)
     text = manifest.model_dump_json(indent=2)
     if isinstance(fs, LocalFileSystem):  # write-then-rename: a manifest on disk is always whole
         tmp = f"{root}/{MANIFEST_NAME}.tmp-{uuid.uuid4().hex[:12]}"
@@ -389,8 +462,20 @@ def finalize(plan: Plan, results: list[GroupResult], data: DataConfig) -> Manife
         os.replace(tmp, f"{root}/{MANIFEST_NAME}")
     else:
         fs.pipe_file(f"{root}/{MANIFEST_NAME}", text.encode())
-    _remove_stale_shards(fs, root, manifest)
+    _remove_stale_shards(fs, root, keep={s.name for s in manifest.train.shards + manifest.eval.shards})
     return manifest
+
+
+def _no_training_sample(
+    counts: dict[str, DatasetCounts], by_reason: dict[str, int], held: int, data: DataConfig
+) -> NoReturn:
+    selected = sum(c.selected for c in counts.values())
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(by_reason.items(), key=lambda kv: -kv[1])) or "none"
+    raise PrepareError(
+        f"no training sample left in data set(s) {', '.join(counts)}: {sum(by_reason.values())} of {selected} "
+        f"records rejected ({reasons}), {held} held out for evaluation. Every rejected sample with its file, line "
+        f"and reason is in {data.shards.rstrip('/')}/{REJECTED_NAME}; fix the inputs."
+    )
 
 
 def check_reject_fraction(counts: dict[str, DatasetCounts], by_reason: dict[str, int], data: DataConfig) -> None:
@@ -406,8 +491,7 @@ def check_reject_fraction(counts: dict[str, DatasetCounts], by_reason: dict[str,
         )
 
 
-def _remove_stale_shards(fs, root: str, manifest: Manifest) -> None:
-    keep = {s.name for s in manifest.train.shards + manifest.eval.shards}
+def _remove_stale_shards(fs, root: str, keep: set[str]) -> None:
     for path in fs.ls(root, detail=False):
         name = os.path.basename(path.rstrip("/"))
         if name.endswith(".tar") and name.startswith(("train-", "eval-")) and name not in keep:

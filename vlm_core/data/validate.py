@@ -2,15 +2,19 @@
 
 These are the mistakes that upstream InternVL either crashes on deep inside training or silently
 trains around (issues #429, #893): wrong roles, empty replies, `<image>` placeholders that do not
-match the images. Each raises `RecordReject` with a stable reason and a detail naming the field.
+match the images, an empty image path, chat-template tokens written as text. Each raises
+`RecordReject` with a stable reason and a detail naming the field.
+
+Keys of a turn other than `from` and `value` (e.g. a per-turn `weight`) are kept with the turn and
+listed in `CheckedRecord.extra_turn_keys`, so the caller can say that training does not use them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from vlm_core.data.sample import IMAGE_PLACEHOLDER, SPEAKERS, with_image_placeholder
+from vlm_core.data.sample import IMAGE_PLACEHOLDER, RESERVED_TOKENS, SPEAKERS, with_image_placeholder
 
 # The prepare step's length check (built by vlm_core.data.length from the tokenizer and tile geometry):
 # (turns, [(width, height)], the data set's max_dynamic_patch or None) -> None when the sample fits,
@@ -20,11 +24,13 @@ LengthCheck = Callable[[list[dict], list[tuple[int, int]], "int | None"], "str |
 REASONS = (
     "bad_record",
     "video_not_supported",
+    "empty_image_path",
     "empty_conversation",
     "first_turn_not_user",
     "roles_not_alternating",
     "last_turn_not_assistant",
     "empty_assistant_reply",
+    "reserved_token",
     "image_count_mismatch",
 )
 
@@ -43,6 +49,7 @@ class CheckedRecord:
     id: str | None
     conversations: list[dict]
     images: list[str]
+    extra_turn_keys: set[str] = field(default_factory=set)  # turn keys besides from/value, kept as given
 
 
 def _images(record: dict) -> list[str]:
@@ -50,10 +57,16 @@ def _images(record: dict) -> list[str]:
     if image is None:
         return []
     if isinstance(image, str):
-        return [image]
-    if isinstance(image, list) and all(isinstance(p, str) for p in image):
-        return list(image)
-    raise RecordReject("bad_record", f"field 'image' must be a path or a list of paths, got {type(image).__name__}")
+        paths, names = [image], ["image"]
+    elif isinstance(image, list) and all(isinstance(p, str) for p in image):
+        paths, names = list(image), [f"image[{i}]" for i in range(len(image))]
+    else:
+        raise RecordReject("bad_record", f"field 'image' must be a path or a list of paths, got {type(image).__name__}")
+    for path, name in zip(paths, names, strict=True):
+        if not path.strip():
+            raise RecordReject("empty_image_path", f"field {name} is an empty path; name the image file, or drop "
+                               "the field for a text-only sample")
+    return paths
 
 
 def _turns(record: dict) -> list[dict]:
@@ -70,8 +83,19 @@ def _turns(record: dict) -> list[dict]:
             raise RecordReject(
                 "bad_record", f"conversations[{i}].from is {turn.get('from')!r}; expected system, human or gpt"
             )
-        turns.append({"from": turn["from"], "value": turn["value"]})
+        turns.append(dict(turn))
     return turns
+
+
+def _check_reserved(turns: list[dict]) -> None:
+    for i, turn in enumerate(turns):
+        for token in RESERVED_TOKENS:
+            if token in turn["value"]:
+                raise RecordReject(
+                    "reserved_token",
+                    f"conversations[{i}] ({turn['from']}) contains {token!r}, a chat-template token that would break "
+                    "the sample's structure; remove it from the text",
+                )
 
 
 def _check_roles(turns: list[dict]) -> None:
@@ -103,11 +127,14 @@ def check_record(record: object) -> CheckedRecord:
     images = _images(record)
     turns = _turns(record)
     _check_roles(turns)
-    turns = [{"from": s, "value": v} for s, v in with_image_placeholder([(t["from"], t["value"]) for t in turns], len(images))]
+    _check_reserved(turns)
+    spoken = with_image_placeholder([(t["from"], t["value"]) for t in turns], len(images))
+    turns = [{**t, "value": v} for t, (_, v) in zip(turns, spoken, strict=True)]
     placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
     if placeholders != len(images):
         raise RecordReject(
             "image_count_mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} image(s)"
         )
     raw_id = record.get("id")
-    return CheckedRecord(None if raw_id is None else str(raw_id), turns, images)
+    extra = {k for t in turns for k in t if k not in ("from", "value")}
+    return CheckedRecord(None if raw_id is None else str(raw_id), turns, images, extra)
