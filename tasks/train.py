@@ -116,11 +116,10 @@ def _train(cfg: FinetuneConfig, lock: FolderLock) -> dict:
         if not failures:
             raise  # no rank raised (killed, out of memory): the message ends with the log's last lines
         rank, what = failures[0]
-        others = sorted({r for r, _ in failures[1:]} - {rank})
-        raise TrainingFailed(
-            f"training failed: rank {rank} raised {what}"
-            + (f" (rank(s) {', '.join(map(str, others))} failed too)" if others else "")
-            + f"; the full traceback is in {out / 'train.log'}") from exc
+        others = sorted({r for r, _ in failures} - {rank})
+        also = f" (rank{'s' * (len(others) > 1)} {', '.join(map(str, others))} failed too)" if others else ""
+        raise TrainingFailed(f"training failed: rank {rank} raised {what}{also}; the full traceback is in "
+                             f"{out / 'train.log'}") from exc
     finally:
         if uploader:
             sent = uploader.stop()  # final pass: the last checkpoint goes up too
