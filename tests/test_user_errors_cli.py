@@ -290,6 +290,13 @@ def test_temporary_server_user_error_is_one_line_without_telemetry(tmp_path, tin
     assert "Traceback" not in console and "telemetry" not in console.lower(), console
 
 
+def _command(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # gone, or a zombie not yet reaped
+        return ""
+
+
 @pytest.mark.integration
 def test_ctrl_c_stops_vlmft_run_within_seconds_and_leaves_no_process(tmp_path, tiny_model_dir):
     from vlm_core.demo import write_demo_data
@@ -310,7 +317,7 @@ def test_ctrl_c_stops_vlmft_run_within_seconds_and_leaves_no_process(tmp_path, t
             assert vlmft.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
         tree = [psutil.Process(vlmft.pid), *psutil.Process(vlmft.pid).children(recursive=True)]
-        commands = [" ".join(p.cmdline()) for p in tree]
+        commands = [_command(p) for p in tree]
         assert any("uvicorn" in c for c in commands) and sum("vlm_core.train" in c for c in commands) >= 2, commands
         interrupted = time.time()
         os.killpg(vlmft.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
@@ -319,7 +326,7 @@ def test_ctrl_c_stops_vlmft_run_within_seconds_and_leaves_no_process(tmp_path, t
         _, alive = psutil.wait_procs(tree, timeout=1)
         said = log.read_text()
         assert took < 15, f"vlmft took {took:.0f} s to stop after Ctrl-C\n{said[-3000:]}"
-        assert alive == [], f"left running: {[' '.join(p.cmdline()) for p in alive]}"
+        assert alive == [], f"left running: {[_command(p) for p in alive]}"
         assert rc == 130 and "\nvlmft: interrupted\n" in said and "Traceback" not in said, said[-3000:]
     finally:
         if vlmft.poll() is None:
