@@ -59,6 +59,7 @@ def deploy_all(cfg: FinetuneConfig, pool: str = DEFAULT_POOL, cron: str = "0 3 *
         ids[name] = str(flow.from_source(source=str(ROOT), entrypoint=entry).deploy(
             name=name, work_pool_name=pool, parameters=params, schedules=schedules, job_variables=job,
             tags=["vlm-finetune"], print_next_steps=False,
+            ignore_warnings=True,  # Prefect's "use .serve for a process pool" advice, once per deployment
         ))
     return ids
 

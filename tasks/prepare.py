@@ -11,6 +11,7 @@ from functools import lru_cache
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.errors import retry_unless_user_error
 from vlm_core.config import FinetuneConfig
 from vlm_core.data.length import make_length_check, model_fingerprint
 from vlm_core.data.manifest import Manifest
@@ -36,7 +37,7 @@ def begin_task(cfg: FinetuneConfig) -> None:
 
 
 @task(name="write-shard-group", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
-      task_run_name="write-{group.split}-{group.index}")
+      retry_condition_fn=retry_unless_user_error, task_run_name="write-{group.split}-{group.index}")
 def write_group_task(group: Group, datasets: list[DatasetSpec], cfg: FinetuneConfig) -> GroupResult:
     return write_group(group, datasets, cfg.data, _length_check(cfg.model_dump_json()))
 

@@ -12,6 +12,7 @@ import os
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.errors import retry_unless_user_error
 from vlm_core.config import FinetuneConfig
 from vlm_core.storage import upload_folder
 
@@ -29,7 +30,8 @@ def load_storage_credentials(cfg: FinetuneConfig) -> None:
             os.environ.setdefault(key, str(value))
 
 
-@task(name="upload-folder", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(name="upload-folder", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_unless_user_error)  # storage out of reach: yes; a missing bucket: no
 def upload_folder_task(cfg: FinetuneConfig, local: str, url: str) -> dict:
     load_storage_credentials(cfg)
     report = upload_folder(local, url)

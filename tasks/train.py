@@ -3,7 +3,9 @@
 Called directly from the flow (not `.submit()`), so a cancellation reaches the thread that reads the
 training output and the whole process group is killed (tasks.process). With storage.url set, new
 complete checkpoints go up while training runs; a retried or restarted run resumes from the newest
-complete checkpoint (local, else fetched from storage) and never starts from zero.
+complete checkpoint (local, else fetched from storage) and never starts from zero. A failure that
+would repeat (a config or data error, a locked or foreign folder, an exception a rank raised) is not
+retried (tasks.errors); a rank's exception is reported as the first failing rank's own error line.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.process import run_group
+from tasks.errors import TrainingFailed, retry_unless_user_error
+from tasks.process import ProcessFailed, run_group
 from tasks.storage import load_storage_credentials
 from vlm_core.checkpoints import CheckpointUploader, fetch_latest_checkpoint, upload_new_checkpoints
 from vlm_core.config import FinetuneConfig, to_json
-from vlm_core.identity import IdentityMismatch, claim_run_folder, compute_identity
+from vlm_core.identity import claim_run_folder, compute_identity
 from vlm_core.launch import check_run, command, thread_env
-from vlm_core.lock import FolderLock, LockHeld
-from vlm_core.progress import ProgressEvent, parse
-from vlm_core.safe_load import UnsafeCheckpointError, check_checkpoint_files
+from vlm_core.lock import FolderLock
+from vlm_core.progress import ProgressEvent, parse, parse_error
+from vlm_core.safe_load import check_checkpoint_files
 
 
 def report_event(event: ProgressEvent, log: logging.LoggerAdapter, progress_id) -> None:
@@ -44,13 +47,7 @@ def report_event(event: ProgressEvent, log: logging.LoggerAdapter, progress_id) 
         log.info("checkpoint %s", f["path"])
 
 
-def _unless_locked(task, task_run, state) -> bool:
-    """Retry a failed training, but not one that found its output folder locked by a live run or
-    another run's, or its checkpoint tampered with (a retry would fail the same way)."""
-    return not isinstance(state.data, LockHeld | IdentityMismatch | UnsafeCheckpointError)
-
-
-@task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=_unless_locked)
+@task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def train_task(cfg: FinetuneConfig) -> dict:
     """Train the run `cfg` describes (train.output_dir already resolved by the flow, see with_run_dir).
 
@@ -91,13 +88,16 @@ def _train(cfg: FinetuneConfig, lock: FolderLock) -> dict:
     cmd = command(cfg, run_json)
     progress_id = create_progress_artifact(0.0, key="training-progress", description="Optimizer steps done")
     summary: dict = {}
+    failures: list[tuple[int, str]] = []  # (rank, "Type: message") of each rank that raised, first first
 
     def on_line(line: str) -> None:
+        if failure := parse_error(line):
+            failures.append(failure)
+            return
         event = parse(line)
         if event is None:
-            if "Error" in line or "Traceback" in line:
-                log.warning(line)
-        elif event.kind == "done":
+            return
+        if event.kind == "done":
             summary.update(event.fields)
         else:
             report_event(event, log, progress_id)
@@ -112,6 +112,14 @@ def _train(cfg: FinetuneConfig, lock: FolderLock) -> dict:
     try:
         log.info("launching: %s", " ".join(cmd))
         run_group(cmd, {**os.environ, **thread_env(cfg)}, out / "train.log", on_line=on_line, on_start=on_start)
+    except ProcessFailed as exc:
+        if not failures:
+            raise  # no rank raised (killed, out of memory): the message ends with the log's last lines
+        rank, what = failures[0]
+        others = sorted({r for r, _ in failures} - {rank})
+        also = f" (rank{'s' * (len(others) > 1)} {', '.join(map(str, others))} failed too)" if others else ""
+        raise TrainingFailed(f"training failed: rank {rank} raised {what}{also}; the full traceback is in "
+                             f"{out / 'train.log'}") from exc
     finally:
         if uploader:
             sent = uploader.stop()  # final pass: the last checkpoint goes up too

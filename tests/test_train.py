@@ -79,6 +79,7 @@ def test_two_ranks_zero2_train_on_disjoint_samples_and_learn(tiny_model_dir, sha
     assert (out / "checkpoint-15" / "global_step15").is_dir()  # DeepSpeed's ZeRO shards
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in m for m in metrics) and all("data/samples" in m for m in metrics)
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [4, 8, 12, 16]  # the final eval is step 16's, once
 
 
 @pytest.mark.integration

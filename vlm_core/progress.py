@@ -3,7 +3,10 @@
 The training subprocess (several ranks, under torchrun or the deepspeed launcher) can only talk to
 the task that launched it through its output stream, which also carries library logs and warnings.
 So rank 0 writes each event as one line, `VLMFT_PROGRESS {json}`, and the reader picks those lines
-out and ignores the rest. Writer and reader both live here so the format has one home.
+out and ignores the rest. A rank that fails (any rank) writes its exception as one line,
+`VLMFT_ERROR rank=N: Type: message`, before its traceback, so the task can name the first rank
+that failed and why instead of the launcher's summary. Writers and readers both live here so the
+formats have one home.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 PREFIX = "VLMFT_PROGRESS"
+ERROR_PREFIX = "VLMFT_ERROR"
 EventKind = Literal["start", "log", "checkpoint", "done"]
 
 
@@ -41,3 +45,19 @@ def parse(line: str) -> ProgressEvent | None:
         return None
     data = json.loads(line[len(PREFIX) + 1 :])
     return ProgressEvent(data.pop("kind"), data)
+
+
+def error_line(exc: BaseException) -> str:
+    """This rank's uncaught exception as one line (whitespace folded, at most ~1000 characters)."""
+    message = " ".join(str(exc).split())
+    message = message if len(message) <= 1000 else message[:1000] + "..."
+    return f"{ERROR_PREFIX} rank={int(os.environ.get('RANK', 0))}: {type(exc).__name__}: {message}"
+
+
+def parse_error(line: str) -> tuple[int, str] | None:
+    """(rank, "Type: message") from an error line (the launcher may prefix it), or None for any other line."""
+    _, found, rest = line.partition(ERROR_PREFIX + " rank=")
+    rank, sep, what = rest.partition(": ")
+    if not found or not sep or not rank.isdigit():
+        return None
+    return int(rank), what

@@ -46,6 +46,11 @@ class StorageError(RuntimeError):
     """A storage operation failed; the message names the URL and the likely cause, never a secret."""
 
 
+class TransientStorageError(StorageError):
+    """The storage could not be reached or failed on its side, even after retries: worth trying later.
+    (A missing bucket or path, denied access or a corrupt copy is a plain StorageError: it stays.)"""
+
+
 @dataclass
 class SyncReport:
     """What a sync did: files and bytes sent (or fetched) and files skipped as unchanged."""
@@ -97,7 +102,8 @@ def _explain(exc: BaseException, url: str, action: str, key: str = "storage.url"
     secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
     if secret and secret in text:  # belt and braces: never echo a secret
         text = text.replace(secret, "***")
-    return StorageError(f"{action} {url} failed: {hint} ({text[:300]})")
+    error = StorageError if _is_permanent(exc) else TransientStorageError
+    return error(f"{action} {url} failed: {hint} ({text[:300]})")
 
 
 def _is_permanent(exc: BaseException) -> bool:

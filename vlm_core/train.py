@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlm_core.progress import emit
+from vlm_core.progress import emit, error_line
 
 
 def _single_process_env() -> None:
@@ -125,6 +125,18 @@ def build_trainer(cfg, targs, model, tokenizer, resume: Path | None, identity: s
     return trainer, stats, sample_log
 
 
+def final_evaluation(trainer, targs) -> dict:
+    """The eval metrics of the final model: those of the last step when training evaluated there
+    already (max_steps a multiple of eval_steps), else a new evaluation. Evaluating the same weights
+    twice would cost an eval pass and log (and report) the final eval twice."""
+    if targs.eval_strategy == "no":
+        return {}
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return last
+    return trainer.evaluate()
+
+
 def run(cfg) -> dict:
     """Train as configured; returns (on every rank) a small summary."""
     import torch
@@ -161,7 +173,7 @@ def run(cfg) -> dict:
     trainer, stats, sample_log = build_trainer(cfg, targs, model, tokenizer, resume, identity.id)
     with torch_load_weights_only():  # DeepSpeed's own resume loads ask for weights_only=False
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    final_eval = trainer.evaluate() if targs.eval_strategy != "no" else {}
+    final_eval = final_evaluation(trainer, targs)
     trainer.save_model(str(Path(cfg.train.output_dir) / "final"))  # every rank: ZeRO-3 gathers the weights
     sample_log.close()
     history = trainer.state.log_history
@@ -201,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, args.overrides)
         run(cfg)
-    except ConfigError as exc:
+    except Exception as exc:
+        print(error_line(exc), flush=True)  # the launching task names the first failing rank from this line
+        if not isinstance(exc, ConfigError):
+            raise  # the traceback follows in the log
         print(f"vlm_core.train: {exc}", file=sys.stderr)
         return 2
     return 0

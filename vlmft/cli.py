@@ -4,6 +4,11 @@ Every subcommand takes `--config PATH` and any number of `key.path=value` overri
 `vlm_core.config.load_config`, so a value means the same on the command line, in YAML, in the
 Prefect UI form and in the training subprocess. Subcommands import what they run lazily, so
 `vlmft --help` and config checks stay fast.
+
+A user error (tasks.errors: config, data, storage, a locked folder, a failed training rank) ends the
+command with exit code 2 and one `vlmft: ...` line; Prefect's console log shows it without a
+traceback (vlmft.terminal), the run's log in Prefect keeps the traceback. Any other exception is a
+bug and shows its traceback. Ctrl-C ends the command with exit code 130.
 """
 
 from __future__ import annotations
@@ -13,19 +18,18 @@ import json
 import sys
 from pathlib import Path
 
-from vlm_core.config import ConfigError, FinetuneConfig, load_config, to_json, to_yaml
+from vlm_core.config import FinetuneConfig, load_config, to_json, to_yaml
+from vlmft import terminal
+
+PREFECT_COMMANDS = ("prepare", "train", "merge", "run", "deploy")
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's to fix: printed as one message, exit code 2. Imported late so that
     `vlmft config` and `--help` do not pay for torch and webdataset."""
-    from tasks.process import ProcessFailed
-    from vlm_core.data.shards import PrepareError
-    from vlm_core.lock import LockHeld
-    from vlm_core.publish import MergeVerificationError
-    from vlm_core.storage import StorageError
+    from tasks.errors import user_errors
 
-    return ConfigError, PrepareError, StorageError, MergeVerificationError, ProcessFailed, LockHeld
+    return user_errors()
 
 
 def _config_args() -> argparse.ArgumentParser:
@@ -162,9 +166,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo-data":
             return _cmd_demo_data(args)
         cfg = load_config(args.config, args.overrides)
+        if args.command in PREFECT_COMMANDS:
+            terminal.set_prefect_defaults()
+            terminal.hide_user_error_tracebacks(_user_errors())
+            if args.command != "deploy":  # deploy needs a real server: Prefect says so without one
+                terminal.start_temporary_server()
         commands = {"config": _cmd_config, "prepare": _cmd_prepare, "train": _cmd_train, "merge": _cmd_merge,
                     "run": _cmd_run, "deploy": _cmd_deploy}
         return commands[args.command](cfg, args)
+    except KeyboardInterrupt:
+        print("vlmft: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         if not isinstance(exc, _user_errors()):
             raise
