@@ -4,6 +4,7 @@ Prefect test server. Importable helpers live in tests/helpers/."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,17 @@ def demo_data(tmp_path_factory) -> dict:
         "annotation": write_jsonl_set(root / "loose", records),
         "image_root": root / "loose",
     }
+
+
+@pytest.fixture
+def console(capfd, monkeypatch):
+    """capfd, with Prefect's console handler writing to the stderr it captures: Prefect binds the stream
+    when it sets up logging, and capfd's stream of the test's call is not yet there when fixtures are
+    set up, so the test calls `console.bind()` first. Bound back to the real stderr after."""
+    from prefect.logging.configuration import setup_logging
+
+    capfd.bind = lambda: setup_logging(incremental=False)
+    yield capfd
+    with monkeypatch.context() as m:
+        m.setattr(sys, "stderr", sys.__stderr__)
+        setup_logging(incremental=False)

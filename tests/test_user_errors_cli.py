@@ -117,20 +117,6 @@ def inputs(tmp_path_factory, tiny_model_dir) -> dict:
             "broken_model": broken}
 
 
-@pytest.fixture
-def console(capfd, monkeypatch):
-    """capfd, with Prefect's console handler writing to the stderr it captures: Prefect binds the stream
-    when it sets up logging, and capfd's stream of the test's call is not yet there when fixtures are
-    set up, so the test calls `console.bind()` first. Bound back to the real stderr after."""
-    from prefect.logging.configuration import setup_logging
-
-    capfd.bind = lambda: setup_logging(incremental=False)
-    yield capfd
-    with monkeypatch.context() as m:
-        m.setattr(sys, "stderr", sys.__stderr__)
-        setup_logging(incremental=False)
-
-
 def _train_args(x: dict, out: Path, *extra: str) -> list[str]:
     return ["train", "name=errors", f"model.path={x['model']}", "model.dtype=float32", f"data.shards={x['shards']}",
             "data.max_dynamic_patch=2", "data.num_workers=0", f"train.output_dir={out}", "train.max_steps=2",
@@ -216,7 +202,7 @@ CASES = [
          around=lambda x, tmp: _half_uploaded_adapter(tmp)),
     Case("run-meta-missing",
          lambda x, tmp: ["run", f"model.path={x['model']}", f"data.meta={tmp / 'none.json'}",
-                         f"data.shards={tmp / 'shards'}", f"train.output_dir={tmp / 'out'}"],
+                         f"data.shards={tmp / 'shards'}", f"train.output_dir={tmp / 'out'}", "train.bf16=false"],
          ["none.json does not exist"], _nothing_prepared_or_launched, flow="finetune"),
 ]
 
@@ -286,7 +272,7 @@ def test_temporary_server_user_error_is_one_line_without_telemetry(tmp_path, tin
     assert res.returncode == 2, console
     assert "Starting temporary server" in console  # the case this test is about
     said = [line for line in console.splitlines() if line.startswith("vlmft:")]
-    assert said == [f"vlmft: {tmp_path / 'none.json'} does not exist"], console
+    assert said == [f"vlmft: data.meta={tmp_path / 'none.json'} does not exist"], console
     assert "Traceback" not in console and "telemetry" not in console.lower(), console
 
 

@@ -228,7 +228,7 @@ def _buckets() -> set[str]:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_user_error_is_one_line_before_any_work(case: Case, request, tmp_path, monkeypatch, capfd):
+def test_user_error_is_one_line_before_any_work(case: Case, request, tmp_path, monkeypatch, console):
     import s3fs
 
     for need in case.needs:
@@ -250,6 +250,8 @@ def test_user_error_is_one_line_before_any_work(case: Case, request, tmp_path, m
     work.mkdir()
     monkeypatch.chdir(work)
     children = {p.pid for p in psutil.Process().children(recursive=True)}
+    console.bind()
+    capfd = console
     capfd.readouterr()
 
     code = main([a.format(**places) for a in case.argv])
@@ -262,7 +264,7 @@ def test_user_error_is_one_line_before_any_work(case: Case, request, tmp_path, m
         assert needle.format(**places) in last
     if not case.needs:  # the config fails before any flow: nothing else is printed
         assert "Traceback" not in out + err and err.strip() == last
-    # traceback-free once the CLI part lands: assert "Traceback" not in out + err
+    assert "Traceback" not in out + err
     assert list(work.iterdir()) == []  # nothing written to the working directory
     written = {p.name for p in tmp_path.rglob("*")}
     assert not written & {"run.json", "train.log", "manifest.json", "run_identity.json", ".vlmft.lock"}

@@ -240,9 +240,11 @@ FILE_CASES = [
 
 @pytest.mark.integration
 @pytest.mark.parametrize("case", FILE_CASES, ids=lambda c: c.id)
-def test_whole_input_errors_are_one_line(case, prefect_server, tiny_model_dir, tmp_path, capfd):
+def test_whole_input_errors_are_one_line(case, prefect_server, tiny_model_dir, tmp_path, console):
     from vlmft.cli import main
 
+    console.bind()
+    capfd = console
     meta = case.setup(tmp_path)
     shards = tmp_path / "shards"
     capfd.readouterr()
@@ -254,7 +256,7 @@ def test_whole_input_errors_are_one_line(case, prefect_server, tiny_model_dir, t
     assert last.startswith("vlmft: "), err[-3000:]
     for text in case.expect:
         assert text in last, last
-    # traceback-free once the CLI part lands: assert "Traceback" not in out + err
+    assert "Traceback" not in out + err
     left = {p.name for p in shards.iterdir()} - {".vlmft.lock"} if shards.exists() else set()
     assert left <= case.leaves, left
     assert "manifest.json" not in left and not any(name.endswith(".tar") for name in left)
