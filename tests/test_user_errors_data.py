@@ -56,14 +56,8 @@ def meta_with(**fields) -> Callable[[Path], Path]:
 
 
 def meta_text(text: str) -> Callable[[Path], Path]:
-    """data.meta with this exact text, next to a data set "a" of GOOD records."""
-
-    def setup(tmp: Path) -> Path:
-        D.write_jsonl(tmp / "a" / "ann.jsonl", D.good_records(tmp / "a" / "images", GOOD, "a"))
-        (tmp / "meta.json").write_text(text)
-        return tmp / "meta.json"
-
-    return setup
+    """data.meta with this exact text (UTF-8), next to a data set "a" of GOOD records."""
+    return meta_bytes(text.encode())
 
 
 def meta_bytes(data: bytes) -> Callable[[Path], Path]:
