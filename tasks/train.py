@@ -47,6 +47,14 @@ def report_event(event: ProgressEvent, log: logging.LoggerAdapter, progress_id) 
         log.info("checkpoint %s", f["path"])
 
 
+def training_failed(failures: list[tuple[int, str]], log_file: Path) -> TrainingFailed:
+    """The error of a run whose ranks raised: the first failing rank and its exception, the others by number."""
+    rank, what = failures[0]
+    others = sorted({r for r, _ in failures} - {rank})
+    also = f" (rank{'s' * (len(others) > 1)} {', '.join(map(str, others))} failed too)" if others else ""
+    return TrainingFailed(f"training failed: rank {rank} raised {what}{also}; the full traceback is in {log_file}")
+
+
 @task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def train_task(cfg: FinetuneConfig) -> dict:
     """Train the run `cfg` describes (train.output_dir already resolved by the flow, see with_run_dir).
@@ -66,23 +74,21 @@ def _train(cfg: FinetuneConfig, lock: FolderLock) -> dict:
     run_id = identity.run_id(cfg.name)
     log.info("run %s (identity %s)%s", run_id, identity.id[:12],
              f", continuing {identity.parent['checkpoint']}" if identity.parent else "")
+    if cfg.storage.url:
+        load_storage_credentials(cfg)
     done_file = out / "run_summary.json"
     done = json.loads(done_file.read_text()) if done_file.is_file() else {}
     if done.get("identity") == identity.id:
         log.info("%s already holds this finished run: not training again", out)
         if cfg.storage.url and cfg.storage.upload_checkpoints:  # a failed upload of that run is retried here
-            load_storage_credentials(cfg)
             upload_new_checkpoints(out, cfg.storage.url, run_id)
         return done
     check_run(cfg)  # fails in a second, before any process starts
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.storage.url:
-        load_storage_credentials(cfg)
-        if cfg.train.resume_from == "auto":
-            resume = fetch_latest_checkpoint(cfg.storage.url, run_id, out)  # local, else fetched from storage
-            if resume:
-                check_checkpoint_files(resume)  # storage is untrusted: refuse a crafted pickle before any launch
-                log.info("resuming from %s", resume)
+    if cfg.storage.url and cfg.train.resume_from == "auto":
+        resume = fetch_latest_checkpoint(cfg.storage.url, run_id, out)  # local, else fetched from storage
+        if resume:
+            check_checkpoint_files(resume)  # storage is untrusted: refuse a crafted pickle before any launch
+            log.info("resuming from %s", resume)
     run_json = out / "run.json"
     run_json.write_text(to_json(cfg))
     cmd = command(cfg, run_json)
@@ -115,11 +121,7 @@ def _train(cfg: FinetuneConfig, lock: FolderLock) -> dict:
     except ProcessFailed as exc:
         if not failures:
             raise  # no rank raised (killed, out of memory): the message ends with the log's last lines
-        rank, what = failures[0]
-        others = sorted({r for r, _ in failures} - {rank})
-        also = f" (rank{'s' * (len(others) > 1)} {', '.join(map(str, others))} failed too)" if others else ""
-        raise TrainingFailed(f"training failed: rank {rank} raised {what}{also}; the full traceback is in "
-                             f"{out / 'train.log'}") from exc
+        raise training_failed(failures, out / "train.log") from exc
     finally:
         if uploader:
             sent = uploader.stop()  # final pass: the last checkpoint goes up too
