@@ -87,7 +87,7 @@ def _fs(url: str):
     return fs, root.rstrip("/")
 
 
-def _explain(exc: BaseException, url: str, action: str, key: str = "storage.url") -> StorageError:
+def explain_error(exc: BaseException, url: str, action: str, key: str = "storage.url") -> StorageError:
     """Turn a client error into a one-line message that names the URL and the fix (and no credential)."""
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text:
@@ -124,7 +124,7 @@ def with_retries(fn: Callable[[], object], url: str, action: str, retries: int =
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
             if _is_permanent(exc) or attempt == retries:
-                raise _explain(exc, url, action) from exc
+                raise explain_error(exc, url, action) from exc
             time.sleep(base_delay * 2**attempt * (0.5 + random.random()))
     raise AssertionError("unreachable")
 
@@ -137,7 +137,7 @@ def read_remote_checksums(url: str) -> dict[str, dict] | None:
     except FileNotFoundError:
         return None
     except Exception as exc:  # noqa: BLE001
-        raise _explain(exc, url, "reading the checksum manifest of") from exc
+        raise explain_error(exc, url, "reading the checksum manifest of") from exc
     return json.loads(data)["files"]
 
 
@@ -248,7 +248,7 @@ def list_folders(url: str) -> list[str]:
     except FileNotFoundError:
         return []
     except Exception as exc:  # noqa: BLE001
-        raise _explain(exc, url, "listing") from exc
+        raise explain_error(exc, url, "listing") from exc
     return sorted(os.path.basename(e.rstrip("/")) for e in entries)
 
 
@@ -289,7 +289,7 @@ def check_bucket(key: str, url: str) -> None:
         raise StorageError(f"{key}={url}: bucket '{bucket}' does not exist, and it is never created implicitly; "
                            f"create it first or fix {key}") from None
     except Exception as exc:  # noqa: BLE001 - explained
-        raise _explain(exc, url, f"{key}: checking the bucket of", key) from exc
+        raise explain_error(exc, url, f"{key}: checking the bucket of", key) from exc
 
 
 def probe_writable(key: str, url: str) -> None:

@@ -172,7 +172,7 @@ def check_model_source(cfg: ModelConfig) -> None:
         return
     import fsspec
 
-    from vlm_core.storage import _explain
+    from vlm_core.storage import explain_error
 
     try:
         with fsspec.open(f"{path.rstrip('/')}/config.json", "rb") as f:
@@ -181,7 +181,7 @@ def check_model_source(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.path={path}: no config.json at that URL (expected an InternVL checkpoint "
                           "folder in transformers format)") from None
     except Exception as exc:  # noqa: BLE001 - explained
-        raise _explain(exc, path, "model.path: reading config.json of", "model.path") from exc
+        raise explain_error(exc, path, "model.path: reading config.json of", "model.path") from exc
     config = _parse_config(raw, path)
     _check_model_type(config, path)
     _check_remote_code(config, path, cfg.trust_remote_code)
