@@ -12,14 +12,14 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 install: $(STAMP)
 
-# torch first (the pinned CPU wheel), then everything else in ONE pip command so the resolver sees
+# torch + torchvision first (pinned; torchvision for transformers' InternVL processor), then everything else in ONE pip command so the resolver sees
 # every pin at once (installing moto after s3fs separately breaks aiobotocore's botocore pin).
 # DeepSpeed is an sdist: it builds against the installed torch (no build isolation), with its CPU
 # shared-memory all-reduce op compiled now so no run JIT-compiles it (~35 s on 2 cores).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q ninja
 	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_ACCELERATOR=cpu \
 	  $(PIP) install -q --no-build-isolation -e '.[dev]'

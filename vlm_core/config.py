@@ -312,6 +312,32 @@ class LoggingConfig(_Section):
     )
 
 
+class EvalConfig(_Section):
+    """Generative evaluation on the held-out shards, and promotion of the fine-tuned model by its result."""
+
+    enabled: bool = Field(
+        True, description="After the merge, answer the held-out questions with the base and the fine-tuned model "
+        "and score both (exact match, token F1, ANLS); needs data.eval_count > 0.",
+    )
+    max_samples: int = Field(64, ge=1, description="Held-out samples evaluated (the first N of the eval split, same for every model).")
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="Longest answer generated per question (greedy decoding).")
+    batch_size: int = Field(8, ge=1, description="Questions generated together in one batch.")
+    metric: Literal["exact_match", "f1", "anls"] = Field(
+        "exact_match", description="The metric that decides promotion: exact match after normalisation, token F1, or ANLS.",
+    )
+    promote: bool = Field(
+        True, description="Make the fine-tuned model the current model of `name` in storage.url when its metric is at "
+        "least the current model's (on the same samples, in the same run) plus promotion_margin.",
+    )
+    promotion_margin: float = Field(
+        0.0, ge=-1.0, le=1.0, description="How much better (in eval.metric, 0..1) a candidate must be than the current model.",
+    )
+    examples: int = Field(6, ge=0, le=100, description="Held-out examples shown side by side (base vs fine-tuned) in the run's report.")
+    during_training: bool = Field(
+        False, description="Also run generative evaluation every train.eval_steps and log eval/<metric> to the trackers.",
+    )
+
+
 class FinetuneConfig(_Section):
     """Everything a fine-tuning run needs: data, model, LoRA, training, storage and logging."""
 
@@ -322,6 +348,7 @@ class FinetuneConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and distributed launch.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Checkpoint and model storage.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Experiment tracking.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Generative evaluation and promotion.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> FinetuneConfig:

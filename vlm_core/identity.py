@@ -58,6 +58,7 @@ NOT_IN_IDENTITY: dict[str, str] = {
     "train.master_port": "rendezvous port",
     "storage": "where checkpoints and models are uploaded",
     "logging": "where metrics are reported",
+    "eval": "evaluation and promotion read the trained weights, they do not change them",
 }
 _SKIP_FILES = (".download-complete",)  # markers of our fetch cache, not model content
 

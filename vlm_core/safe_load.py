@@ -41,7 +41,7 @@ class UnsafeCheckpointError(ConfigError):
 # How the allowlists were found: real checkpoints of every kind this project writes, made with its own
 # entry point (`python -m vlm_core.train`, the tiny model, one step, one save) for train.deepspeed =
 # none, zero1, zero2 and zero3, each with lora.enabled true and false (deepspeed 0.19.8, transformers
-# 5.24, torch 2.13, numpy 2; fp32 on CPU). Every .pt/.pth/.bin file in them was loaded with
+# 5.24, torch 2.14, numpy 2; fp32 on CPU). Every .pt/.pth/.bin file in them was loaded with
 # `torch.load(f, weights_only=True)`, adding each "Unsupported global" the error named until it loaded.
 # LoRA and full fine-tunes need the same globals; ZeRO-3 optimizer states hold no fragment_address.
 # Files that needed none: optimizer.pt and scheduler.pt (no DeepSpeed), the *_model_states.pt of every
