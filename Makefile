@@ -15,14 +15,16 @@ install: $(STAMP)
 # torch + torchvision first (pinned; torchvision for transformers' InternVL processor), then everything else in ONE pip command so the resolver sees
 # every pin at once (installing moto after s3fs separately breaks aiobotocore's botocore pin).
 # DeepSpeed is an sdist: it builds against the installed torch (no build isolation), with its CPU
-# shared-memory all-reduce op compiled now so no run JIT-compiles it (~35 s on 2 cores).
+# shared-memory all-reduce op compiled now so no run JIT-compiles it (~35 s on 2 cores). --no-cache-dir:
+# pip's wheel cache keys a wheel built from an sdist by the sdist alone, so a DeepSpeed built against an
+# earlier torch would be reused and refuse to run ("PyTorch version mismatch").
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q ninja
 	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_ACCELERATOR=cpu \
-	  $(PIP) install -q --no-build-isolation -e '.[dev]'
+	  $(PIP) install -q --no-build-isolation --no-cache-dir -e '.[dev]'
 	$(PY) -c "import deepspeed.ops.comm.deepspeed_shm_comm_op" 2>/dev/null \
 	  || $(PY) -c "from deepspeed.ops.op_builder import ShareMemCommBuilder as B; B().load(); print('shm op JIT-built')"
 	touch $(STAMP)
