@@ -177,7 +177,8 @@ def model_card(cfg: FinetuneConfig, metrics: dict[str, Any] | None, lineage: dic
         front["model-index"] = index
     data, software = lineage.get("data") or {}, lineage.get("software") or {}
     how = (f"LoRA (r={cfg.lora.r}) merged into the base weights" if cfg.lora.enabled else "full fine-tuning")
-    trained_on = (f"{data.get('train_samples')} training samples from `{data.get('meta')}`"
+    count = data.get("train_samples")
+    trained_on = (f"{'' if count is None else f'{count} '}training samples from `{data.get('meta')}`"
                   + (f" (data sets: {', '.join(data['datasets'])})" if data.get("datasets") else ""))
     commit = software.get("git_commit")
     evaluation = (f"Generated answers to {(metrics.get('overall') or {}).get('count', '?')} held-out questions, "

@@ -132,10 +132,10 @@ def _pointer_place(args: argparse.Namespace) -> tuple[str, str, FinetuneConfig |
     name = args.name or (cfg.name if cfg else None)
     storage = args.storage or (cfg.storage.url if cfg else None)
     if not name:
-        raise ConfigError(f"vlmft {args.command}: which run name? pass --name NAME, or --config FILE to use its name")
+        raise ConfigError(f"{args.command} needs a run name: pass --name NAME, or --config FILE to use its name")
     if not storage:
         where = f"{args.config} sets no storage.url" if cfg else "no --storage given"
-        raise ConfigError(f"vlmft {args.command}: {where}; pass --storage URL (the storage.url the model was "
+        raise ConfigError(f"{args.command} needs the storage: {where}; pass --storage URL (the storage.url the model was "
                           "published to), or --config FILE with storage.url set")
     check_scheme("--storage", storage)
     check_bucket("--storage", storage)
@@ -183,7 +183,7 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     metrics = read_model_metrics(args.model)
     recorded = ((lineage or {}).get("config") or {}).get("eval") or {}
     metric = cfg.eval.metric if cfg else recorded.get("metric", "exact_match")
-    doc = promote(storage, name, args.model, metrics, metric, lineage, reason="promoted by hand (vlmft promote)")
+    doc = promote(storage, name, args.model, metrics, metric, lineage, reason="promoted by hand with vlmft promote")
     value = doc["metric"]["value"]
     shown = f"{metric} {value:.3f}" if value is not None else f"no {metric} recorded with it"
     print(f"current model of {name} is now {doc['model']} ({shown})")
