@@ -10,10 +10,11 @@ from pathlib import Path
 
 import yaml
 
+from vlm_core.checkpoints import mark_complete
 from vlm_core.config import load_config
 from vlm_core.data.shards import prepare_shards
 from vlm_core.demo import write_demo_data
-from vlm_core.identity import make_identity
+from vlm_core.identity import claim_run_folder, make_identity
 from vlm_core.lineage import CONFIG_FILE, build_lineage, config_hash, git_commit, write_model_card
 from vlm_core.promote import lineage_summary, read_model_lineage, read_model_metrics
 
@@ -64,6 +65,19 @@ def test_lineage_records_data_config_model_software_and_run(tmp_path):
     other_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 1e-4, "resume_from": "auto"})})
     other = build_lineage(other_cfg, identity)
     assert other["config_hash"] != lineage["config_hash"] and other["parent"] is None
+
+
+def test_the_parent_comes_from_the_run_folders_record(tmp_path):
+    """A run continued on purpose from another run's checkpoint and then resumed (resume_from=auto): the
+    parent recorded in run_identity.json when it started is still its lineage's parent."""
+    cfg, identity = prepared(tmp_path, f"train.output_dir={tmp_path / 'train'}")
+    checkpoint = tmp_path / "old" / "checkpoint-40"
+    checkpoint.mkdir(parents=True)
+    mark_complete(checkpoint, 40, identity="c" * 64)
+    started = cfg.model_copy(update={"train": cfg.train.model_copy(update={"resume_from": str(checkpoint)})})
+    claim_run_folder(started, identity)
+    parent = build_lineage(cfg, identity)["parent"]  # cfg: resume_from=auto, identity without its parent
+    assert parent == {"checkpoint": str(checkpoint.resolve()), "identity": "c" * 64}
 
 
 def test_git_commit_is_none_outside_a_checkout_and_without_git(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ import yaml
 
 from vlm_core.config import FinetuneConfig, to_yaml
 from vlm_core.data.manifest import MANIFEST_NAME, Manifest
-from vlm_core.identity import RunIdentity, compute_identity
+from vlm_core.identity import RunIdentity, compute_identity, read_identity
 from vlm_core.promote import LINEAGE_FILE
 
 LINEAGE_VERSION = 1
@@ -88,14 +88,16 @@ def build_lineage(cfg: FinetuneConfig, identity: RunIdentity | None = None, *, m
                   ended_at: datetime | str | None = None, model_url: str | None = None) -> dict[str, Any]:
     """Everything needed to tell where a model came from and to rebuild its shards and run.
 
-    `identity` is the run's (with its parent, as `claim_run_folder` returns it); when None it is computed
-    from the shards' manifest and the base model (vlm_core.identity.compute_identity). `cfg` is the run's
-    resolved config (train.output_dir as the run used it).
+    `identity` is the run's; when None it is computed from the shards' manifest and the base model
+    (vlm_core.identity.compute_identity). `cfg` is the run's resolved config (train.output_dir as the run
+    used it, see with_run_dir): the parent checkpoint comes from the identity, else from the run folder's
+    run_identity.json, else from train.resume_from.
     """
     identity = identity or compute_identity(cfg)
     raw = read_manifest_bytes(cfg.data.shards)
     manifest = Manifest.model_validate_json(raw) if raw is not None else None
-    parent = identity.parent
+    recorded = read_identity(cfg.train.output_dir) or {}  # the run folder's record keeps the parent across resumes
+    parent = identity.parent or (recorded.get("parent") if recorded.get("identity") == identity.id else None)
     if parent is None and cfg.train.resume_from not in ("auto", "none"):
         parent = {"checkpoint": cfg.train.resume_from, "identity": None}
     config = cfg.model_dump(mode="json")
