@@ -3,7 +3,8 @@
 Every subcommand takes `--config PATH` and any number of `key.path=value` overrides, parsed by
 `vlm_core.config.load_config`, so a value means the same on the command line, in YAML, in the
 Prefect UI form and in the training subprocess. Subcommands import what they run lazily, so
-`vlmft --help` and config checks stay fast.
+`vlmft --help` and config checks stay fast. `current` and `promote` read a config only when one is
+given (`--name` and `--storage` can stand in for it) and run without Prefect.
 
 A user error (tasks.errors: config, data, storage, a locked folder, a failed training rank) ends the
 command with exit code 2 and one `vlmft: ...` line; Prefect's console log shows it without a
@@ -121,6 +122,75 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pointer_place(args: argparse.Namespace) -> tuple[str, str, FinetuneConfig | None]:
+    """(storage URL, run name, config or None) of `vlmft current` / `vlmft promote`: the flags, else the
+    config's storage.url and name. The storage must exist: a typo must not read as "no current model"."""
+    from vlm_core.config import ConfigError
+    from vlm_core.storage import check_bucket, check_scheme
+
+    cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
+    name = args.name or (cfg.name if cfg else None)
+    storage = args.storage or (cfg.storage.url if cfg else None)
+    if not name:
+        raise ConfigError(f"{args.command} needs a run name: pass --name NAME, or --config FILE to use its name")
+    if not storage:
+        where = f"{args.config} sets no storage.url" if cfg else "no --storage given"
+        raise ConfigError(f"{args.command} needs the storage: {where}; pass --storage URL (the storage.url the model was "
+                          "published to), or --config FILE with storage.url set")
+    check_scheme("--storage", storage)
+    check_bucket("--storage", storage)
+    if "://" not in storage and not Path(storage).is_dir():
+        raise ConfigError(f"--storage {storage}: no such folder; pass the storage.url the model was published to")
+    return storage, name, cfg
+
+
+def _describe_current(doc: dict) -> str:
+    metric, lineage = doc["metric"], doc.get("lineage") or {}
+    value = metric.get("value")
+    shown = f"{metric['name']} {value:.3f}" if isinstance(value, int | float) else f"{metric['name']} not measured"
+    commit = lineage.get("git_commit")
+    lines = [f"current model of {doc['name']}: {doc['model']}",
+             f"  {shown}; promoted {doc['promoted_at']} ({doc.get('reason') or 'no reason recorded'})",
+             f"  replaced: {doc.get('previous') or 'nothing (the first model of this name)'}"]
+    if lineage.get("run_id"):
+        lines.append(f"  run {lineage['run_id']} (identity {str(lineage.get('identity'))[:12]}), data fingerprint "
+                     f"{str(lineage.get('data_fingerprint'))[:12]}, config hash {str(lineage.get('config_hash'))[:12]}, "
+                     f"vlm-finetune {lineage.get('version')}" + (f" at commit {commit[:12]}" if commit else ""))
+    if doc.get("lineage_url"):
+        lines.append(f"  full lineage: {doc['lineage_url']}")
+    return "\n".join(lines)
+
+
+def _cmd_current(args: argparse.Namespace) -> int:
+    from vlm_core.promote import pointer_url, read_current
+
+    storage, name, _ = _pointer_place(args)
+    doc = read_current(storage, name)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    elif doc is None:
+        print(f"no current model of {name}: nothing promoted yet ({pointer_url(storage, name)} does not exist)")
+    else:
+        print(_describe_current(doc))
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from vlm_core.promote import promote, read_model_lineage, read_model_metrics
+
+    storage, name, cfg = _pointer_place(args)
+    lineage = read_model_lineage(args.model)
+    metrics = read_model_metrics(args.model)
+    recorded = ((lineage or {}).get("config") or {}).get("eval") or {}
+    metric = cfg.eval.metric if cfg else recorded.get("metric", "exact_match")
+    doc = promote(storage, name, args.model, metrics, metric, lineage, reason="promoted by hand with vlmft promote")
+    value = doc["metric"]["value"]
+    shown = f"{metric} {value:.3f}" if value is not None else f"no {metric} recorded with it"
+    print(f"current model of {name} is now {doc['model']} ({shown})")
+    print(f"it replaced: {doc['previous'] or 'nothing (there was no current model)'}")
+    return 0
+
+
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from vlm_core.model.tiny import build_tiny_model
 
@@ -148,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("deploy", parents=[common], help="register the deployments on the Prefect server")
     p.add_argument("--pool", default="vlm-training", help="process work pool (created with concurrency 1)")
     p.add_argument("--cron", default="0 3 * * *", help="schedule of the retrain-nightly deployment (UTC)")
+    p = sub.add_parser("current", parents=[common], help="show the current (promoted) model of a run name")
+    p.add_argument("--name", help="run name (default: the config's name)")
+    p.add_argument("--storage", help="storage URL or folder (default: the config's storage.url)")
+    p.add_argument("--json", action="store_true", help="print the pointer document (current.json) as it is")
+    p = sub.add_parser("promote", parents=[common], help="make a published model the current one by hand (or roll back)")
+    p.add_argument("--model", required=True, help="folder or URL of a published model (e.g. STORAGE/runs/NAME-ID/merged)")
+    p.add_argument("--name", help="run name (default: the config's name)")
+    p.add_argument("--storage", help="storage URL or folder (default: the config's storage.url)")
     p = sub.add_parser("demo-data", help="write the generated demo data set")
     p.add_argument("folder", type=Path)
     p.add_argument("--samples", type=int, default=240)
@@ -165,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_tiny_model(args)
         if args.command == "demo-data":
             return _cmd_demo_data(args)
+        if args.command in ("current", "promote"):  # no Prefect, and a config only when given
+            return _cmd_current(args) if args.command == "current" else _cmd_promote(args)
         cfg = load_config(args.config, args.overrides)
         if args.command in PREFECT_COMMANDS:
             terminal.set_prefect_defaults()
