@@ -37,8 +37,9 @@ What a processor config cannot say, and so differs from training:
   aspect-ratio ties pick another grid (rare: vlm_core.data.tiling counts 1,896 of 312 M size/setting
   cases up to 2000 px; e.g. 1000x400 px with exactly 4 tiles: training 4x1, transformers 2x2). With
   min_dynamic_patch=1 the grids are always the same. The publish logs a warning.
-- several images in one prompt: training split the tile budget (max(1, max // images) each);
-  transformers gives every image max_patches. Pass `max_patches=` to the processor call to match.
+- several images in one prompt: training split the tile budget (max(1, max // images) each, and
+  min_dynamic_patch lowered to that); transformers gives every image max_patches. Pass
+  `processor_kwargs={"max_patches": ...}` to `apply_chat_template` to match.
 - a `max_dynamic_patch` set per data set in the meta JSON applied to that data set only; the
   published processor has data.max_dynamic_patch.
 - images: training applied the EXIF orientation and put transparent images on white; pass the
