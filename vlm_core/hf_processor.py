@@ -5,8 +5,8 @@ Whoever loads a published folder with `AutoProcessor` gets transformers' `Intern
 holds the base model's settings (e.g. up to 12 tiles per image, where training used
 data.max_dynamic_patch=2), so the fine-tuned model would be fed inputs unlike the ones it learned
 from. `write_processor_files` rewrites the processor configs of the folder being published from the
-training config, and `processor_difference` loads them back the way a user would and proves, on a probe
-image, that they give the same prompt ids and pixels as our `Preprocessor`.
+training config, and `processor_difference` loads them back the way a user would and proves, on probe
+images, that they give the same prompt ids and pixels as our `Preprocessor`.
 
 How transformers' GotOcr2 image processor (both `GotOcr2ImageProcessor`, torchvision, the default
 when torchvision is installed, and `GotOcr2ImageProcessorPil`) maps to our tiling (vlm_core.data.tiling):
