@@ -175,7 +175,7 @@ def child(mode: str, base: str, adapter: str, out: str) -> None:
     import torch
     from transformers import AutoTokenizer, InternVLForConditionalGeneration  # noqa: F401
 
-    from vlm_core.config import ModelConfig
+    from vlm_core.config import DataConfig, ModelConfig
     from vlm_core.merge import merge_lora
 
     if importlib.util.find_spec("deepspeed"):  # save_pretrained's unwrap imports it lazily (~0.5 s), in both modes
@@ -186,7 +186,7 @@ def child(mode: str, base: str, adapter: str, out: str) -> None:
         build_adapter(base, adapter, build_bigger_model(Path(base)))
         return
     if mode == "merge":
-        merge_lora(ModelConfig(path=base, dtype="float32"), adapter, out)
+        merge_lora(ModelConfig(path=base, dtype="float32"), adapter, out, data=DataConfig())
     else:
         InternVLForConditionalGeneration.from_pretrained(base, dtype=torch.float32).save_pretrained(out)
     seconds = time.perf_counter() - start

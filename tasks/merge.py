@@ -17,7 +17,8 @@ from vlm_core.merge import merge_lora
 @task(name="merge-lora", cache_policy=NO_CACHE)
 def merge_task(cfg: FinetuneConfig, adapter: str, out: str) -> dict:
     load_storage_credentials(cfg)
-    report = merge_lora(cfg.model, adapter, out, dtype=cfg.lora.merge_dtype, tolerance=cfg.lora.merge_tolerance)
+    report = merge_lora(cfg.model, adapter, out, dtype=cfg.lora.merge_dtype, tolerance=cfg.lora.merge_tolerance,
+                        data=cfg.data)
     log = get_run_logger()
     if report.skipped:
         log.info("%s already holds this merge (fingerprint %s): nothing to do", out, report.fingerprint[:12])
@@ -30,7 +31,7 @@ def merge_task(cfg: FinetuneConfig, adapter: str, out: str) -> dict:
 @task(name="consolidate-checkpoint", cache_policy=NO_CACHE)
 def consolidate_task(cfg: FinetuneConfig, checkpoint: str, out: str) -> dict:
     load_storage_credentials(cfg)
-    report = consolidate_checkpoint(checkpoint, cfg.model, out)
+    report = consolidate_checkpoint(checkpoint, cfg.model, out, data=cfg.data)
     log = get_run_logger()
     if report.skipped:
         log.info("%s already holds this checkpoint (fingerprint %s): nothing to do", out, report.fingerprint[:12])

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoTokenizer, InternVLForConditionalGeneration
 
 from vlm_core.checkpoints import COMPLETE_MARKER
-from vlm_core.config import ModelConfig
+from vlm_core.config import DataConfig, ModelConfig
 from vlm_core.consolidate import CheckpointError, consolidate_checkpoint
 from vlm_core.publish import MERGE_INFO
 
@@ -30,6 +30,8 @@ ZERO3 = {
     "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
                           "stage3_gather_16bit_weights_on_model_save": False},
 }
+
+DATA = DataConfig(max_dynamic_patch=2)  # the training run's data settings (the tiny base model says 6)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,7 @@ def test_zero3_checkpoint_becomes_a_plain_transformers_model(zero3_run, tiny_mod
     assert not list(ckpt.glob("*.safetensors"))  # ZeRO-3 without gathering: the weights live in the shards only
 
     out = tmp_path / "merged"
-    report = consolidate_checkpoint(ckpt, _mc(tiny_model_dir), out)
+    report = consolidate_checkpoint(ckpt, _mc(tiny_model_dir), out, data=DATA)
     assert not report.skipped and report.source == "zero" and report.dtype == "float32"
     assert report.max_abs_diff == 0.0
 
@@ -87,7 +89,7 @@ def test_zero3_checkpoint_becomes_a_plain_transformers_model(zero3_run, tiny_mod
     assert not list(tmp_path.glob("merged.tmp-*"))
 
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    again = consolidate_checkpoint(ckpt, _mc(tiny_model_dir), out)
+    again = consolidate_checkpoint(ckpt, _mc(tiny_model_dir), out, data=DATA)
     assert again.skipped and again.fingerprint == report.fingerprint
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
@@ -98,7 +100,7 @@ def test_checkpoint_with_full_weights_is_resaved_and_partial_weights_refused(zer
     full = tmp_path / "checkpoint-3"
     shutil.copytree(zero3_run / "checkpoint-3", full, ignore=shutil.ignore_patterns("global_step*", "latest"))
     shutil.copy2(zero3_run / "final" / "model.safetensors", full / "model.safetensors")
-    report = consolidate_checkpoint(full, _mc(tiny_model_dir), tmp_path / "out")
+    report = consolidate_checkpoint(full, _mc(tiny_model_dir), tmp_path / "out", data=DATA)
     assert report.source == "safetensors" and not report.skipped
     trained, got = _weights(zero3_run / "final"), _weights(tmp_path / "out")
     assert all(torch.equal(got[k], trained[k]) for k in trained)
@@ -108,7 +110,7 @@ def test_checkpoint_with_full_weights_is_resaved_and_partial_weights_refused(zer
     dropped = next(k for k in weights if "lm_head" in k)
     save_file({k: v for k, v in weights.items() if k != dropped}, full / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"checkpoint-3: model.safetensors is partial .*no DeepSpeed ZeRO"):
-        consolidate_checkpoint(full, _mc(tiny_model_dir), tmp_path / "out2")
+        consolidate_checkpoint(full, _mc(tiny_model_dir), tmp_path / "out2", data=DATA)
     assert not (tmp_path / "out2").exists()
 
 
@@ -117,13 +119,13 @@ def test_lora_and_empty_folders_get_a_clear_error(tiny_model_dir, tmp_path):
     lora.mkdir()
     (lora / "adapter_config.json").write_text("{}")
     with pytest.raises(CheckpointError, match=r"lora-checkpoint-4 is a LoRA checkpoint .*merge_lora"):
-        consolidate_checkpoint(lora, _mc(tiny_model_dir), tmp_path / "a")
+        consolidate_checkpoint(lora, _mc(tiny_model_dir), tmp_path / "a", data=DATA)
     empty = tmp_path / "empty-checkpoint"
     empty.mkdir()
     with pytest.raises(CheckpointError, match=r"empty-checkpoint: no model.safetensors and no DeepSpeed ZeRO shards"):
-        consolidate_checkpoint(empty, _mc(tiny_model_dir), tmp_path / "b")
+        consolidate_checkpoint(empty, _mc(tiny_model_dir), tmp_path / "b", data=DATA)
     with pytest.raises(CheckpointError, match="no such folder"):
-        consolidate_checkpoint(tmp_path / "missing", _mc(tiny_model_dir), tmp_path / "c")
+        consolidate_checkpoint(tmp_path / "missing", _mc(tiny_model_dir), tmp_path / "c", data=DATA)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

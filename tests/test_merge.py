@@ -10,10 +10,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoTokenizer, InternVLForConditionalGeneration
 
-from vlm_core.config import ConfigError, ModelConfig, load_config
+from vlm_core.config import ConfigError, DataConfig, ModelConfig, load_config
 from vlm_core.merge import merge_lora, verify_merged
 from vlm_core.model import build_for_training
 from vlm_core.publish import MERGE_INFO, MergeVerificationError
+
+DATA = DataConfig(max_dynamic_patch=2)  # the training run's data settings (the tiny base model says 6)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def _logits(model, batch):
 def test_merged_model_loads_with_plain_transformers_and_matches(tiny_model_dir, adapter_dir, batch, tmp_path):
     from peft import PeftModel
 
-    report = merge_lora(_mc(tiny_model_dir), str(adapter_dir), tmp_path / "merged")
+    report = merge_lora(_mc(tiny_model_dir), str(adapter_dir), tmp_path / "merged", data=DATA)
     assert not report.skipped and report.relative_diff <= 1e-4 and report.dtype == "float32"
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
     assert isinstance(merged, InternVLForConditionalGeneration)
@@ -64,9 +66,9 @@ def test_merged_model_loads_with_plain_transformers_and_matches(tiny_model_dir, 
 
 def test_second_merge_is_a_noop_and_verify_catches_tampering(tiny_model_dir, adapter_dir, tmp_path):
     out = tmp_path / "merged"
-    merge_lora(_mc(tiny_model_dir), str(adapter_dir), out)
+    merge_lora(_mc(tiny_model_dir), str(adapter_dir), out, data=DATA)
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    again = merge_lora(_mc(tiny_model_dir), str(adapter_dir), out)
+    again = merge_lora(_mc(tiny_model_dir), str(adapter_dir), out, data=DATA)
     assert again.skipped and (out / "model.safetensors").stat().st_mtime_ns == stamp
     assert verify_merged(tiny_model_dir, adapter_dir, out).relative_diff <= 1e-4
 
@@ -84,16 +86,16 @@ def test_second_merge_is_a_noop_and_verify_catches_tampering(tiny_model_dir, ada
     aw[k] = aw[k] * 3
     save_file(aw, tampered / "adapter_model.safetensors", metadata={"format": "pt"})
     fresh = tmp_path / "fresh"
-    merge_lora(_mc(tiny_model_dir), str(adapter_dir), fresh)
+    merge_lora(_mc(tiny_model_dir), str(adapter_dir), fresh, data=DATA)
     with pytest.raises(MergeVerificationError):
         verify_merged(tiny_model_dir, tampered, fresh)
     # a changed adapter changes the fingerprint: the merge runs again
-    assert not merge_lora(_mc(tiny_model_dir), str(tampered), fresh).skipped
+    assert not merge_lora(_mc(tiny_model_dir), str(tampered), fresh, data=DATA).skipped
 
 
 def test_refuses_to_publish_a_bad_merge(tiny_model_dir, adapter_dir, tmp_path):
     with pytest.raises(MergeVerificationError, match=r"refusing to publish .* tolerance 0\)"):
-        merge_lora(_mc(tiny_model_dir), str(adapter_dir), tmp_path / "strict", tolerance=0.0)
+        merge_lora(_mc(tiny_model_dir), str(adapter_dir), tmp_path / "strict", tolerance=0.0, data=DATA)
     assert not (tmp_path / "strict").exists() and not list(tmp_path.glob("strict.tmp-*"))
     nan = tmp_path / "nan-adapter"
     shutil.copytree(adapter_dir, nan)
@@ -102,10 +104,10 @@ def test_refuses_to_publish_a_bad_merge(tiny_model_dir, adapter_dir, tmp_path):
     aw[k][0, 0] = float("nan")
     save_file(aw, nan / "adapter_model.safetensors", metadata={"format": "pt"})
     with pytest.raises(MergeVerificationError, match="inf"):
-        merge_lora(_mc(tiny_model_dir), str(nan), tmp_path / "nan-merged")
+        merge_lora(_mc(tiny_model_dir), str(nan), tmp_path / "nan-merged", data=DATA)
     assert not (tmp_path / "nan-merged").exists()
     with pytest.raises(ConfigError, match="no adapter_config.json"):
-        merge_lora(_mc(tiny_model_dir), str(tmp_path), tmp_path / "x")
+        merge_lora(_mc(tiny_model_dir), str(tmp_path), tmp_path / "x", data=DATA)
 
 
 @pytest.mark.integration
@@ -119,7 +121,7 @@ def test_adapter_from_storage_and_merged_upload(s3_server, tiny_model_dir, adapt
         fs.mkdir("merge-bucket")
     upload_folder(adapter_dir, "s3://merge-bucket/runs/r1/checkpoint-4")
     report = merge_lora(ModelConfig(path=str(tiny_model_dir), dtype="float32", cache_dir=str(tmp_path / "cache")),
-                        "s3://merge-bucket/runs/r1/checkpoint-4", tmp_path / "merged")
+                        "s3://merge-bucket/runs/r1/checkpoint-4", tmp_path / "merged", data=DATA)
     assert report.relative_diff <= 1e-4
     upload_folder(tmp_path / "merged", "s3://merge-bucket/runs/r1/merged")
     download_folder("s3://merge-bucket/runs/r1/merged", tmp_path / "back")

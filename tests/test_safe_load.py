@@ -25,7 +25,7 @@ import torch
 from helpers import data as D
 from helpers.servers import free_port
 from vlm_core.checkpoints import upload_new_checkpoints
-from vlm_core.config import FinetuneConfig, ModelConfig, load_config, to_json
+from vlm_core.config import DataConfig, FinetuneConfig, ModelConfig, load_config, to_json
 from vlm_core.consolidate import consolidate_checkpoint
 from vlm_core.launch import command, thread_env
 from vlm_core.safe_load import (
@@ -257,5 +257,6 @@ def test_consolidating_a_crafted_zero3_checkpoint_fails_naming_the_file(genuine,
     bad = ckpt / "global_step1" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     craft(bad, tmp_path / "pwned")
     with pytest.raises(UnsafeCheckpointError, match=f"{re.escape(str(bad))}: {REFUSED}"):
-        consolidate_checkpoint(ckpt, ModelConfig(path=str(tiny_model_dir), dtype="float32"), tmp_path / "out")
+        consolidate_checkpoint(ckpt, ModelConfig(path=str(tiny_model_dir), dtype="float32"), tmp_path / "out",
+                               data=DataConfig())
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()

@@ -96,6 +96,8 @@ def test_zero3_and_lora_adapter_only_checkpoints(tiny_model_dir, shards, tmp_pat
     assert s["world_size"] == 2 and s["losses"]["4"] < s["losses"]["1"]
     ck = lora / "checkpoint-3"
     assert (ck / "adapter_model.safetensors").is_file() and (ck / "adapter_config.json").is_file()
+    adapter_cfg = json.loads((ck / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(tiny_model_dir.resolve())  # loadable from any folder
     assert not (ck / "model.safetensors").exists()
     assert (ck / "adapter_model.safetensors").stat().st_size < 0.5 * (tiny_model_dir / "model.safetensors").stat().st_size
 

@@ -136,6 +136,11 @@ PREFLIGHT_CASES = [
          ["data.shards={tmp}/nothing: no manifest.json", "vlmft prepare"], needs=("prefect",)),
     Case("run_global_batch_before_prepare", ["run", *RUN, "train.global_batch_size=3", "train.per_device_batch_size=2"],
          ["train.global_batch_size=3 is not divisible by"], needs=("prefect",)),
+    # a setting transformers' processor cannot reproduce in the published model: refused before training
+    Case("run_without_thumbnail", ["run", *RUN, "data.use_thumbnail=false"],
+         ["data.use_thumbnail=false cannot be published", "data.max_dynamic_patch=1"], needs=("prefect",)),
+    Case("merge_without_thumbnail", ["merge", *MERGE, "data.use_thumbnail=false"],
+         ["data.use_thumbnail=false cannot be published"], needs=("prefect",)),
     # the model folder
     Case("model_not_internvl", ["train", *TRAIN, "model.path={tmp}/model"], ["model.path={tmp}/model", "model_type 'llama', not 'internvl'"],
          _model(NOT_INTERNVL), ("prefect",)),

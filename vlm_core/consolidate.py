@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from vlm_core.config import ConfigError, ModelConfig
+from vlm_core.config import ConfigError, DataConfig, ModelConfig
+from vlm_core.hf_processor import check_publishable, publish_settings
 from vlm_core.model.load import COMPLETE_MARKER, check_model_folder, fetch_to_cache, resolve_model_path
 from vlm_core.publish import (
     MergeReport,
@@ -38,8 +39,9 @@ class CheckpointError(ConfigError):
     """The folder is not a checkpoint of a full fine-tune that can be consolidated."""
 
 
-def checkpoint_fingerprint(base: Path, checkpoint: Path, dtype: str) -> str:
-    """Inputs of a consolidation: the checkpoint's files (content up to 64 MiB, size beyond) and the base config.
+def checkpoint_fingerprint(base: Path, checkpoint: Path, dtype: str, data: DataConfig) -> str:
+    """Inputs of a consolidation: the checkpoint's files (content up to 64 MiB, size beyond), the base config
+    and the training settings the published processor is written from.
 
     Hashing multi-GB optimizer shards would cost minutes for a check meant to be instant; their names
     and sizes plus the content of every small file (trainer_state.json with its losses, the ZeRO
@@ -50,7 +52,8 @@ def checkpoint_fingerprint(base: Path, checkpoint: Path, dtype: str) -> str:
         rel, size = p.relative_to(checkpoint).as_posix(), p.stat().st_size
         if rel != COMPLETE_MARKER:  # written by the download cache, not part of the checkpoint
             files[rel] = sha256_file(p) if size <= _HASH_LIMIT else size
-    parts = {"dtype": dtype, "checkpoint": files, "base_config": sha256_file(base / "config.json")}
+    parts = {"dtype": dtype, "checkpoint": files, "base_config": sha256_file(base / "config.json"),
+             "processor": publish_settings(data)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -149,24 +152,26 @@ def _checkpoint_model(folder: Path, checkpoint_dir: str | Path, config) -> tuple
 
 def consolidate_checkpoint(
     checkpoint_dir: str | Path, model: ModelConfig, out: str | Path, dtype: str = "auto",
-    tolerance: float | None = None,
+    tolerance: float | None = None, *, data: DataConfig,
 ) -> MergeReport:
     """Turn a full fine-tune's `checkpoint-N/` (folder or URL) into a verified plain-transformers model at `out`.
 
     Full weights in the checkpoint (ZeRO-1/2, no DeepSpeed, ZeRO-3 with 16-bit gathering) are used as
     they are; otherwise the ZeRO shards are consolidated. The config and the tokenizer/processor/chat
-    template files come from the base model (model.path). Published only after a reload from disk
-    gives back bit-identical weights and the same logits; the same inputs again do nothing.
+    template files come from the base model (model.path), the processor settings from `data` (the
+    training run's cfg.data). Published only after a reload from disk gives back bit-identical weights
+    and the same logits, and its processor preprocesses like training; the same inputs again do nothing.
     """
     from transformers import AutoConfig, AutoTokenizer
 
+    check_publishable(data)
     base_path = resolve_model_path(model)
     base_cfg = check_model_folder(base_path, model.trust_remote_code)
     folder = _checkpoint_folder(checkpoint_dir, model.cache_dir)
     check_checkpoint_files(folder)  # a crafted pickle fails here, naming the file, before anything reads it
     dtype, tolerance = dtype_and_tolerance(base_cfg, dtype, tolerance)
     out = Path(out)
-    fp = checkpoint_fingerprint(base_path, folder, dtype)
+    fp = checkpoint_fingerprint(base_path, folder, dtype, data)
     if (done := already_published(out, fp)) is not None:
         return done
 
@@ -178,4 +183,4 @@ def consolidate_checkpoint(
     holder[0].config.dtype = dtype
     return save_verified(holder, base_path, out, reference, batch,
                          MergeReport(str(out), fp, 0.0, 0.0, tolerance, dtype, source=source),
-                         what=f"the saved model differs from checkpoint {checkpoint_dir}")
+                         what=f"the saved model differs from checkpoint {checkpoint_dir}", data=data)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from vlm_core.config import ConfigError, ModelConfig
+from vlm_core.config import ConfigError, DataConfig, ModelConfig
+from vlm_core.hf_processor import check_publishable, publish_settings
 from vlm_core.model.load import COMPLETE_MARKER, check_model_folder, fetch_to_cache, resolve_model_path
 from vlm_core.publish import (
     DEFAULT_TOLERANCE,
@@ -34,9 +35,10 @@ from vlm_core.publish import (
 from vlm_core.storage import sha256_file
 
 
-def adapter_fingerprint(base: Path, adapter: Path, dtype: str) -> str:
-    """Inputs of a merge: the adapter's files by content, the base by config and weight file sizes."""
-    parts = {"dtype": dtype,
+def adapter_fingerprint(base: Path, adapter: Path, dtype: str, data: DataConfig) -> str:
+    """Inputs of a merge: the adapter's files by content, the base by config and weight file sizes, and the
+    training settings the published processor is written from."""
+    parts = {"dtype": dtype, "processor": publish_settings(data),
              "adapter": {p.name: sha256_file(p) for p in sorted(adapter.iterdir())
                          if p.is_file() and p.name != COMPLETE_MARKER},
              "base_config": sha256_file(base / "config.json"),
@@ -77,18 +79,23 @@ def verify_merged(base_path: str | Path, adapter: str | Path, merged: str | Path
 
 
 def merge_lora(
-    model: ModelConfig, adapter: str, out: str | Path, dtype: str = "auto", tolerance: float | None = None
+    model: ModelConfig, adapter: str, out: str | Path, dtype: str = "auto", tolerance: float | None = None,
+    *, data: DataConfig,
 ) -> MergeReport:
-    """Merge `adapter` (folder or URL) into the base model of `model` and publish it to `out`."""
+    """Merge `adapter` (folder or URL) into the base model of `model` and publish it to `out`.
+
+    `data` is the training run's cfg.data: the published processor preprocesses as it says.
+    """
     from peft import PeftModel
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
+    check_publishable(data)
     base_path = resolve_model_path(model)
     base_cfg = check_model_folder(base_path, model.trust_remote_code)
     adapter_path = _local_adapter(adapter, model.cache_dir)
     dtype, tolerance = dtype_and_tolerance(base_cfg, dtype, tolerance)
     out = Path(out)
-    fp = adapter_fingerprint(base_path, adapter_path, dtype)
+    fp = adapter_fingerprint(base_path, adapter_path, dtype, data)
     if (done := already_published(out, fp)) is not None:
         return done
 
@@ -101,4 +108,4 @@ def merge_lora(
     del base, peft_model  # merged in place: the holder keeps the only reference, so it can be freed
     return save_verified(holder, base_path, out, reference, batch,
                          MergeReport(str(out), fp, 0.0, 0.0, tolerance, dtype, source="lora"),
-                         what="the merged model differs from base + adapter")
+                         what="the merged model differs from base + adapter", data=data)

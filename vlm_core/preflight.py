@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from vlm_core.config import ConfigError, FinetuneConfig
+from vlm_core.hf_processor import check_publishable
 from vlm_core.launch import check_launch, check_run
 from vlm_core.model.load import check_model_source
 from vlm_core.storage import check_bucket, check_scheme, probe_writable
@@ -78,8 +79,10 @@ def preflight(cfg: FinetuneConfig, step: Step) -> None:
     prepare: URL schemes, buckets of the data settings, data.shards writable, the model's config.json.
     train: the same for what training reads, the launch settings and the shard manifest (check_run),
     train.output_dir writable, storage.url reachable (writable when checkpoints are uploaded).
-    run: prepare's checks and train's, except the manifest (prepare writes it); storage writable.
-    merge: URL schemes, the model's config.json, storage.url writable (the merged model goes there).
+    run: prepare's checks and train's, except the manifest (prepare writes it); storage writable; the
+    data settings expressible in a published processor (the run ends by publishing).
+    merge: URL schemes, the model's config.json, storage.url writable (the merged model goes there),
+    the data settings expressible in a published processor (vlm_core.hf_processor.check_publishable).
     Storage credentials must be in the environment already (tasks.storage.load_storage_credentials).
     """
     for key in URL_SETTINGS[step]:
@@ -102,5 +105,7 @@ def preflight(cfg: FinetuneConfig, step: Step) -> None:
         check_run(cfg)
     if step in ("train", "run"):
         check_local_folder("train.output_dir", cfg.train.output_dir)
+    if step in ("run", "merge"):
+        check_publishable(cfg.data)
     if step != "prepare":
         _check_storage(cfg, write=step != "train" or cfg.storage.upload_checkpoints)

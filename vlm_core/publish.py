@@ -3,10 +3,13 @@
 A merged LoRA model (vlm_core.merge) and a consolidated full fine-tune (vlm_core.consolidate) end
 the same way, and this module is that shared end. The folder is what anyone downloads: safetensors
 weights, config, tokenizer, processor and chat template, loadable with plain `transformers` and no
-project code. It is saved to a temporary folder next to `out` and *reloaded from disk*; the reload
-must give back bit-identical weights (CRC digests of every tensor) and, on a probe batch with an
-image, logits within the tolerance of a reference computed before saving. Only then is it renamed
-to `out`; otherwise nothing is published and the error says by how much it differs.
+project code. Its processor configs are rewritten from the training config, so `AutoProcessor`
+tiles, normalises and templates inputs as training did (vlm_core.hf_processor). It is saved to a
+temporary folder next to `out` and *reloaded from disk*; the reload must give back bit-identical
+weights (CRC digests of every tensor) and, on a probe batch with an image, logits within the
+tolerance of a reference computed before saving, and its processor must give a probe image the same
+prompt ids and pixels as training's preprocessing. Only then is it renamed to `out`; otherwise
+nothing is published and the error says what differs and by how much.
 `merge_info.json` records a fingerprint of the inputs, so publishing the same inputs again does
 nothing.
 """
@@ -23,6 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from vlm_core.config import DataConfig
+from vlm_core.hf_processor import processor_difference, write_processor_files
 
 MERGE_INFO = "merge_info.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -135,14 +141,15 @@ def _check_reload(tmp: Path, out: Path, digests: dict, reference: torch.Tensor, 
 
 
 def save_verified(holder: list[torch.nn.Module], base_path: Path, out: Path, reference: torch.Tensor, batch: dict,
-                  report: MergeReport, what: str) -> MergeReport:
+                  report: MergeReport, what: str, data: DataConfig) -> MergeReport:
     """Save the model in `holder` (a one-item list) to a temp folder, reload it, check it, rename it to `out`.
 
     The model comes in a list that this function empties, and the caller keeps no other reference, so
     the in-memory copy is freed before the reload and peak memory stays near one model, not two. The
     reload must be bit-identical to what was saved (weight digests) and its logits must match
     `reference` within the report's tolerance; otherwise nothing is published and the error says
-    `what` differs by how much. The side files (tokenizer, processor, ...) come from `base_path`.
+    `what` differs by how much. The side files (tokenizer, processor, ...) come from `base_path`, the
+    processor configs are then rewritten from `data` (the training run's cfg.data) and checked.
     """
     tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
@@ -151,9 +158,12 @@ def save_verified(holder: list[torch.nn.Module], base_path: Path, out: Path, ref
         digests = _weight_digests(model)
         model.save_pretrained(tmp)
         copy_side_files(base_path, tmp)
+        write_processor_files(tmp, data, model.config)
         del model
         gc.collect()
         _check_reload(tmp, out, digests, reference, batch, report, what)
+        if (problem := processor_difference(tmp, data)) is not None:
+            raise MergeVerificationError(f"refusing to publish {out}: {problem}")
         info = {k: v for k, v in asdict(report).items() if k != "skipped"}
         (tmp / MERGE_INFO).write_text(json.dumps(info, indent=1))
         if out.exists():

@@ -95,6 +95,16 @@ def resolve_model_path(cfg: ModelConfig) -> Path:
     return folder
 
 
+def base_model_reference(cfg: ModelConfig) -> str:
+    """How a LoRA adapter names its base model: model.path as given when it is a URL, else the absolute folder.
+
+    peft writes the name it is given into adapter_config.json, where a relative path (valid only from
+    the folder training ran in) or a cache folder would leave the adapter pointing nowhere useful.
+    """
+    path = cfg.path.removeprefix("file://")
+    return cfg.path if _is_url(path) else str(Path(path).expanduser().resolve())
+
+
 def check_model_folder(folder: Path, trust_remote_code: bool = False) -> dict:
     """Return the folder's config.json as a dict, or raise a ConfigError saying what is wrong."""
     if folder.is_file():

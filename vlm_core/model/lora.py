@@ -2,7 +2,9 @@
 
 Adapted parts keep their base weights frozen. Parts that the freezing options leave trainable (the
 projector by default, the last N vision layers, ...) go to peft's `modules_to_save`, so they train
-in full *and* are saved with the adapter: an adapter-only checkpoint is then complete.
+in full *and* are saved with the adapter: an adapter-only checkpoint is then complete. Its
+adapter_config.json names the base model by absolute folder (or by URL), so plain
+`PeftModel.from_pretrained` finds it from any working directory.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 
 from vlm_core.config import ConfigError, FinetuneConfig
 from vlm_core.model.freeze import LLM, VISION, fully_trained_modules
+from vlm_core.model.load import base_model_reference
 
 
 def target_regex(cfg: FinetuneConfig) -> str:
@@ -48,4 +51,7 @@ def apply_lora(model: nn.Module, cfg: FinetuneConfig):
         modules_to_save=keep or None,
         bias="none",
     )
-    return get_peft_model(model, peft_cfg)
+    peft_model = get_peft_model(model, peft_cfg)
+    # after get_peft_model, which sets it to the name the model was loaded from (relative, or a cache folder)
+    peft_model.peft_config["default"].base_model_name_or_path = base_model_reference(cfg.model)
+    return peft_model

@@ -114,8 +114,9 @@ def tiny_config(tokenizer):
 def _save_processor_configs(folder: Path, max_tiles: int) -> None:
     """Write the image-processor and processor configs a real InternVL-hf checkpoint ships.
 
-    Plain JSON in transformers' format, so AutoProcessor works wherever torchvision is installed;
-    our own training path reads only the tile size and normalisation from them.
+    Plain JSON in transformers' format, so AutoProcessor works wherever torchvision is installed.
+    Training reads none of them (the tile size comes from config.json, tiling and normalisation from
+    cfg.data); a published folder gets them rewritten from the training config (vlm_core.hf_processor).
     """
     image_processor = {
         "image_processor_type": "GotOcr2ImageProcessor",
