@@ -77,9 +77,9 @@ def _question(qid: str, dataset: str, turns: list[Turn], images: list[bytes], ma
     return Question(qid, dataset, context, list(images[:shown]), reference, max_dynamic_patch)
 
 
-def questions_from_shards(shards: str, max_samples: int, split: str = "eval") -> list[Question]:
-    """The first `max_samples` samples of a split of prepared shards (path or fsspec URL), in manifest
-    order: the same questions every time. An empty split gives []."""
+def questions_from_shards(shards: str, max_samples: int | None, split: str = "eval") -> list[Question]:
+    """The first `max_samples` (None: all) samples of a split of prepared shards (path or fsspec URL), in
+    manifest order: the same questions every time. An empty split gives []."""
     manifest = read_manifest(shards)
     if manifest is None:
         raise ConfigError(f"{shards.rstrip('/')}/manifest.json not found: not a prepared shard folder (or an "
@@ -87,9 +87,10 @@ def questions_from_shards(shards: str, max_samples: int, split: str = "eval") ->
     info = getattr(manifest, split)
     out: list[Question] = []
     for url, shard in zip(manifest.shard_urls(shards, split), info.shards, strict=True):
-        take = min(shard.samples, max_samples - len(out))
-        if take <= 0:
+        left = None if max_samples is None else max_samples - len(out)
+        if left is not None and left <= 0:
             break
+        take = shard.samples if left is None else min(shard.samples, left)
         for item in iter_shard(ShardRun(url, 0, take)):
             record = ShardSample.model_validate_json(item["json"])
             members = {k: v for k, v in item.items() if isinstance(v, bytes)}
