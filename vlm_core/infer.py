@@ -195,7 +195,7 @@ def _local_folder(source: str, cache_dir: str, what: str) -> Path:
     fs, root = fsspec.core.url_to_fs(path)
     if not fs.isdir(root):
         raise ConfigError(f"{what} {source}: no folder at that URL")
-    return fetch_to_cache(path, cache_dir, "predict", verified=is_complete(path))
+    return fetch_to_cache(path, cache_dir, verified=is_complete(path))  # the cache training fetches models to
 
 
 def model_kind(folder: Path, source: str = "") -> ModelKind:

@@ -99,6 +99,11 @@ def _cmd_run(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
         print(f"eval loss: {evals[0]:.3f} at the start -> {evals[-1]:.3f} at the end")
     if out["merged"]:
         print(f"merged model: {out['merged'].get('uploaded_to') or out['merged']['out']}")
+    if out.get("eval"):
+        from vlm_core.evaluate import comparison_table
+
+        print(f"held-out answers, base vs fine-tuned ({out['eval']['seconds']:.0f} s):")
+        print(comparison_table(out["eval"]["base"], out["eval"]["tuned"]))
     print(f"loss curve: {run_dir / 'loss_curve.png'}")
     return 0
 
