@@ -79,3 +79,6 @@ def test_examples_show_thumbnails_question_reference_and_both_answers():
     assert thumb.size == (96, 48)  # fits 96 × 96, aspect kept
     assert len(examples_markdown([with_image, text_only], [{"prediction": ""}] * 2, [{"prediction": ""}] * 2,
                                  n=1).splitlines()) == 3
+    # the flow evaluates eval.max_samples questions and shows the first eval.examples of them
+    shown = examples_markdown([text_only], [{"prediction": "x"}] * 4, [{"prediction": "y"}] * 4, n=1)
+    assert shown.splitlines()[-1] == "| (text only) | Say blue. | blue. | x | y |"

@@ -113,9 +113,9 @@ def _cell(text: str) -> str:
 
 def examples_markdown(questions: list[Question], base: list[dict], tuned: list[dict], n: int) -> str:
     """A markdown table of the first `n` questions: image thumbnail(s), question, reference and the base and
-    fine-tuned answers (`rows` of two EvalResults on `questions`)."""
+    fine-tuned answers (`rows` of two EvalResults whose questions start with `questions`, in the same order)."""
     lines = ["| image | question | reference | base | fine-tuned |", "|---|---|---|---|---|"]
-    for q, b, t in list(zip(questions, base, tuned, strict=True))[:n]:
+    for q, b, t in zip(questions[:n], base[:n], tuned[:n], strict=True):
         images = " ".join(f"![image]({thumbnail_data_uri(data)})" for data in q.images) or "(text only)"
         lines.append(f"| {images} | {_cell(q.prompt)} | {_cell(q.reference)} | {_cell(b['prediction'])} | "
                      f"{_cell(t['prediction'])} |")
