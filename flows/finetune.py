@@ -1,4 +1,4 @@
-"""The end-to-end pipeline: prepare → train → (checkpoints to storage) → merge → report.
+"""The end-to-end pipeline: prepare → train → (checkpoints to storage) → merge → evaluate → report.
 
     vlmft run --config configs/demo.yaml          # what `make run` does, on the bundled demo
     python -m vlmft run --config configs/demo.yaml
@@ -7,6 +7,10 @@ A failed run retried from the Prefect UI does not redo finished work: shards are
 fingerprint, training resumes from its newest complete checkpoint (or is skipped when the run folder
 already holds a finished run of this configuration), uploads skip unchanged files and a merge of the
 same inputs is a no-op.
+
+With eval.enabled and a held-out split, the base model and the fine-tuned one then answer the same
+held-out questions (greedy generation, vlm_core.infer) and both are scored per data set: a table
+artifact compares them and a markdown artifact shows eval.examples questions with both answers.
 
 `retrain` is the scheduled variant: it trains only when the run identity (every setting that changes
 what the run learns, the data and the base model; vlm_core.identity) differs from the last successful
@@ -24,12 +28,16 @@ from prefect.variables import Variable
 
 from flows.merge import merge
 from flows.prepare_data import prepare_data
+from tasks.evaluate import evaluate_task
 from tasks.prepare import plan_task
 from tasks.storage import load_storage_credentials
 from tasks.train import train_task
 from vlm_core.checkpoints import run_url
 from vlm_core.config import FinetuneConfig
+from vlm_core.evaluate import comparison_rows, examples_markdown
 from vlm_core.identity import compute_identity, differences, read_identity, with_run_dir
+from vlm_core.infer import questions_from_shards
+from vlm_core.model.load import resolve_model_path
 from vlm_core.preflight import preflight
 from vlm_core.report import loss_curve_png, read_curves
 
@@ -60,6 +68,22 @@ def report(cfg: FinetuneConfig, data: dict, trained: dict, merged: dict | None) 
                              description="Where this run's outputs are.")
 
 
+def evaluate_models(cfg: FinetuneConfig, merged: dict) -> dict:
+    """The base and the fine-tuned model answer the same held-out questions; both scored, side by side."""
+    base = evaluate_task(cfg, str(resolve_model_path(cfg.model)), "base")  # the folder training started from
+    tuned = evaluate_task(cfg, merged["out"], "tuned")
+    slug = "".join(c if c.isalnum() else "-" for c in cfg.name.lower())
+    create_table_artifact(comparison_rows(base["metrics"], tuned["metrics"]), key=f"eval-{slug}",
+                          description="Held-out answers of the base and the fine-tuned model: exact match, token F1 "
+                          "and ANLS per data set.")
+    if cfg.eval.examples:
+        shown = questions_from_shards(cfg.data.shards, cfg.eval.examples)
+        create_markdown_artifact(
+            "# Held-out examples\n\n" + examples_markdown(shown, base["rows"], tuned["rows"], cfg.eval.examples),
+            key=f"eval-examples-{slug}", description="Held-out questions answered by the base and the fine-tuned model.")
+    return {"base": base["metrics"], "tuned": tuned["metrics"], "seconds": base["seconds"] + tuned["seconds"]}
+
+
 @flow(name="finetune")
 def finetune(cfg: FinetuneConfig) -> dict:
     """Prepare shards, train, upload checkpoints, publish the merged (or consolidated) model, and report."""
@@ -70,8 +94,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     cfg = with_run_dir(cfg, compute_identity(cfg))  # train.run_subdir: each identity gets a folder of its own
     trained = train_task(cfg)  # called directly: a cancellation must reach the subprocess owner
     merged = merge(cfg)  # LoRA: adapter merged into the base; full fine-tune: checkpoint consolidated
+    evaluated = evaluate_models(cfg, merged) if cfg.eval.enabled and data["eval_samples"] else None
     report(cfg, data, trained, merged)
-    return {"data": data, "train": trained, "merged": merged}
+    return {"data": data, "train": trained, "merged": merged, "eval": evaluated}
 
 
 @flow(name="retrain")

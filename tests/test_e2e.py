@@ -128,7 +128,10 @@ def test_ui_triggered_deployment_runs_the_whole_pipeline(prefect_api, demo):
     assert list_complete(f"s3://e2e-bucket/runs/{run_id}", "checkpoint-") == ["checkpoint-2", "checkpoint-4"]
     assert is_complete(f"s3://e2e-bucket/runs/{run_id}/merged")
     arts = flow_run_artifacts(run)
-    assert {"loss-curve", "final-metrics", "run-outputs"} <= set(arts)
+    assert {"loss-curve", "final-metrics", "run-outputs", "eval-ui-run", "eval-examples-ui-run"} <= set(arts)
+    compared = {r["dataset"]: r for r in json.loads(arts["eval-ui-run"].data)}  # base vs tuned, on the held-out 4
+    assert set(compared) == {"shapes", "overall"} and compared["overall"]["count"] == 4
+    assert "data:image/png;base64," in arts["eval-examples-ui-run"].data
     metrics = {r["metric"]: r["value"] for r in json.loads(arts["final-metrics"].data)}
     assert metrics["steps"] == 4 and metrics["train samples"] == 32
     assert f"s3://e2e-bucket/runs/{run_id}/merged" in arts["run-outputs"].data
@@ -212,3 +215,5 @@ def test_failed_after_training_then_retried_does_not_train_again(prefect_server,
     run_id = json.loads(first)["run_id"]
     assert list_complete(f"s3://retry-bucket/runs/{run_id}", "checkpoint-") == ["checkpoint-2", "checkpoint-4"]
     assert out["merged"]["uploaded_to"] == f"s3://retry-bucket/runs/{run_id}/merged"
+    for model in ("base", "tuned"):  # both answered the 4 held-out questions, scored per data set
+        assert set(out["eval"][model]["datasets"]) == {"shapes"} and out["eval"][model]["overall"]["count"] == 4

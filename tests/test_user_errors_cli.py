@@ -174,6 +174,14 @@ def _half_uploaded_adapter(tmp: Path):
     yield
 
 
+@contextlib.contextmanager
+def _adapter_without_base(tmp: Path):
+    """A LoRA adapter folder whose adapter_config.json names a base model that is not there."""
+    (tmp / "adapter").mkdir()
+    (tmp / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp / "gone")}))
+    yield
+
+
 CASES = [
     Case("unknown-key", lambda x, tmp: ["config", "train.lerning_rate=1"], ["lerning_rate"]),
     Case("prepare-meta-missing",
@@ -204,6 +212,15 @@ CASES = [
          lambda x, tmp: ["run", f"model.path={x['model']}", f"data.meta={tmp / 'none.json'}",
                          f"data.shards={tmp / 'shards'}", f"train.output_dir={tmp / 'out'}", "train.bf16=false"],
          ["none.json does not exist"], _nothing_prepared_or_launched, flow="finetune"),
+    Case("predict-image-missing",
+         lambda x, tmp: ["predict", "--model", str(x["model"]), "--image", str(tmp / "none.jpg"), "--prompt", "Q?"],
+         ["--image", "none.jpg does not exist"]),
+    Case("predict-not-a-model", lambda x, tmp: ["predict", "--model", str(x["root"] / "d"), "--prompt", "Q?"],
+         ["is not a model", "adapter_config.json"]),
+    Case("predict-adapter-base-missing",
+         lambda x, tmp: ["predict", "--model", str(tmp / "adapter"), "--prompt", "Q?"],
+         ["LoRA adapter ", "gone (from its adapter_config.json base_model_name_or_path)", "--base"],
+         around=lambda x, tmp: _adapter_without_base(tmp)),
 ]
 
 

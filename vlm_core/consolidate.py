@@ -184,3 +184,10 @@ def consolidate_checkpoint(
     return save_verified(holder, base_path, out, reference, batch,
                          MergeReport(str(out), fp, 0.0, 0.0, tolerance, dtype, source=source),
                          what=f"the saved model differs from checkpoint {checkpoint_dir}", data=data)
+
+
+def load_checkpoint_model(checkpoint: Path, source: str, config) -> torch.nn.Module:
+    """The fp32 model of a full fine-tune's local checkpoint folder (its full weights, else its ZeRO shards),
+    for using it without publishing it (generation). Its pickle-based files are checked first."""
+    check_checkpoint_files(checkpoint)
+    return _checkpoint_model(checkpoint, source, config)[0][0]

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from vlm_core.config import FinetuneConfig, load_config, to_json, to_yaml
+from vlm_core.config import ConfigError, FinetuneConfig, load_config, to_json, to_yaml
 from vlmft import terminal
 
 PREFECT_COMMANDS = ("prepare", "train", "merge", "run", "deploy")
@@ -100,7 +100,66 @@ def _cmd_run(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
         print(f"eval loss: {evals[0]:.3f} at the start -> {evals[-1]:.3f} at the end")
     if out["merged"]:
         print(f"merged model: {out['merged'].get('uploaded_to') or out['merged']['out']}")
+    if out.get("eval"):
+        from vlm_core.evaluate import comparison_table
+
+        print(f"held-out answers, base vs fine-tuned ({out['eval']['seconds']:.0f} s):")
+        print(comparison_table(out["eval"]["base"], out["eval"]["tuned"]))
     print(f"loss curve: {run_dir / 'loss_curve.png'}")
+    return 0
+
+
+def _questions(cfg: FinetuneConfig, args: argparse.Namespace) -> list:
+    """The questions --prompt/--image or --data asks (shards: the held-out split)."""
+    from vlm_core import infer
+    from vlm_core.data.manifest import read_manifest
+
+    if (args.prompt is None) == (args.data is None):
+        raise ConfigError("predict: give either --prompt (with --image files) or --data (annotations or shards)")
+    if args.prompt is not None:
+        return [infer.question_from_prompt(args.prompt, args.image)]
+    if args.image:
+        raise ConfigError("predict: --image goes with --prompt; with --data the images come from the annotations")
+    data, limit = args.data, args.max_samples
+    if read_manifest(data) is not None:
+        questions = infer.questions_from_shards(data, limit)
+        if not questions:
+            raise ConfigError(f"--data {data}: the shards hold no held-out samples; prepare them with data.eval_count "
+                              "(or data.eval_fraction) above 0, or pass an annotation file")
+        return questions
+    if data.endswith(".jsonl") or (data.endswith(".json") and args.image_root):
+        return infer.questions_from_jsonl(data, args.image_root, max_samples=limit)
+    if data.endswith(".json"):
+        return infer.questions_from_meta(data, max_samples=limit)
+    raise ConfigError(f"--data {data}: expected a JSONL annotation file, a meta JSON (or a LLaVA JSON list with "
+                      "--image-root) or a prepared shard folder, and there is no manifest.json there")
+
+
+def _cmd_predict(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from vlm_core.evaluate import evaluate, metrics_table, write_predictions
+    from vlm_core.infer import load_predictor
+
+    questions = _questions(cfg, args)
+    predictor = load_predictor(args.model, base=args.base, data=cfg.data, dtype=args.dtype or cfg.model.dtype,
+                               cache_dir=cfg.model.cache_dir, attn_implementation=cfg.model.attn_implementation)
+    max_new_tokens = args.max_new_tokens or cfg.eval.max_new_tokens
+    batch_size = args.batch_size or cfg.eval.batch_size
+    if args.prompt is not None:
+        print(predictor.predict(questions, max_new_tokens, batch_size)[0])
+        return 0
+    with Progress(transient=True) as bar:
+        job = bar.add_task("answering", total=len(questions))
+        result = evaluate(predictor, questions, max_new_tokens, batch_size,
+                          progress=lambda done, total: bar.update(job, completed=done))
+    out = write_predictions(result.rows, args.out)
+    print(f"{len(result.rows)} answers in {result.seconds:.1f} s ({result.samples_per_second:.2f} samples/s) "
+          f"written to {out}")
+    if any(r["reference"] for r in result.rows):
+        print(metrics_table(result.metrics))
+    else:
+        print("no reference answers in the data: nothing to score")
     return 0
 
 
@@ -226,6 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="folder or URL of a published model (e.g. STORAGE/runs/NAME-ID/merged)")
     p.add_argument("--name", help="run name (default: the config's name)")
     p.add_argument("--storage", help="storage URL or folder (default: the config's storage.url)")
+    p = sub.add_parser("predict", parents=[common], help="answer a prompt, or score a model's answers on annotations "
+                       "or held-out shards (data and eval settings from the config)")
+    p.add_argument("--model", required=True, help="model folder or URL: a merged model, a LoRA adapter or a "
+                   "training checkpoint")
+    p.add_argument("--base", help="base model folder or URL of a LoRA adapter (default: the one in its "
+                   "adapter_config.json)")
+    p.add_argument("--prompt", help="a question to answer; its answer is printed")
+    p.add_argument("--image", action="append", default=[], help="an image for --prompt (repeat for several)")
+    p.add_argument("--data", help="questions with reference answers: an InternVL JSONL, a meta JSON, a LLaVA JSON "
+                   "list (with --image-root) or a prepared shard folder (its held-out split)")
+    p.add_argument("--image-root", help="image folder of a JSONL or LLaVA JSON file (default: the file's folder)")
+    p.add_argument("--out", default="predictions.jsonl", help="where the answers go, one JSON line each")
+    p.add_argument("--max-samples", type=int, help="answer only the first N questions (default: all)")
+    p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default: eval.max_new_tokens)")
+    p.add_argument("--batch-size", type=int, help="questions answered together (default: eval.batch_size)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: model.dtype)")
     p = sub.add_parser("demo-data", help="write the generated demo data set")
     p.add_argument("folder", type=Path)
     p.add_argument("--samples", type=int, default=240)
@@ -252,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command != "deploy":  # deploy needs a real server: Prefect says so without one
                 terminal.start_temporary_server()
         commands = {"config": _cmd_config, "prepare": _cmd_prepare, "train": _cmd_train, "merge": _cmd_merge,
-                    "run": _cmd_run, "deploy": _cmd_deploy}
+                    "run": _cmd_run, "deploy": _cmd_deploy, "predict": _cmd_predict}
         return commands[args.command](cfg, args)
     except KeyboardInterrupt:
         print("vlmft: interrupted", file=sys.stderr)

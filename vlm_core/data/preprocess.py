@@ -108,17 +108,9 @@ class Preprocessor:
         s = self.settings
         where = where or sample_id
         pairs = prepare_turns(turns, len(images), s.system_prompt, where)
-        try:
-            decoded = [open_rgb(data, f"{where} image {k}") for k, data in enumerate(images)]
-        except ValueError as exc:
-            raise SampleRejected("invalid", str(exc)) from None
-        if decoded:
-            pixels, tiles = image_pixel_values(
-                decoded, s.geometry, s.min_dynamic_patch, max_dynamic_patch or s.max_dynamic_patch,
-                s.use_thumbnail, s.normalization,
-            )
-        else:
-            pixels, tiles = torch.zeros(1, 3, s.geometry.tile_size, s.geometry.tile_size), []
+        pixels, tiles = self._pixels(images, max_dynamic_patch, where)
+        if not tiles:
+            pixels = torch.zeros(1, 3, s.geometry.tile_size, s.geometry.tile_size)
         per_image = [n * s.geometry.tokens_per_tile for n in tiles]
         enc = encode_conversation(pairs, self.tokenizer, self.tokens, per_image, where)
         budget = s.max_seq_length - (0 if tiles else s.geometry.tokens_per_tile + 2)
@@ -143,6 +135,56 @@ class Preprocessor:
             tiles_per_image=tiles,
             sample_id=sample_id,
             truncated=was_cut,
+        )
+
+    def _pixels(self, images: list[bytes], max_dynamic_patch: int | None, where: str) -> tuple[torch.Tensor, list[int]]:
+        """The tiles of all images in text order, and the tile count of each (none for no image)."""
+        s = self.settings
+        try:
+            decoded = [open_rgb(data, f"{where} image {k}") for k, data in enumerate(images)]
+        except ValueError as exc:
+            raise SampleRejected("invalid", str(exc)) from None
+        if not decoded:
+            return torch.zeros(0, 3, s.geometry.tile_size, s.geometry.tile_size), []
+        return image_pixel_values(decoded, s.geometry, s.min_dynamic_patch, max_dynamic_patch or s.max_dynamic_patch,
+                                  s.use_thumbnail, s.normalization)
+
+    def generation_prompt(
+        self,
+        turns: list[Turn],
+        images: list[bytes],
+        sample_id: str,
+        max_dynamic_patch: int | None = None,
+        where: str = "",
+    ) -> ModelSample:
+        """The model input for answering the conversation's last (human) turn: the same template, tiling and
+        image spans as training, ending with the generation prompt `<|im_start|>assistant\\n`; labels all -100.
+
+        A text-only prompt gets no dummy tile: in training that tile sits after the conversation, masked,
+        where no real token sees it; here the answer would come after it, so leaving it out gives the
+        answer exactly the context training gave. A prompt longer than data.max_seq_length is rejected
+        ("too_long"), never cut: a cut prompt would answer another question.
+        """
+        s = self.settings
+        where = where or sample_id
+        if not turns or turns[-1].from_ != "human":
+            raise SampleRejected("invalid", f"{where}: a generation prompt must end with a human turn")
+        placeholder_reply = Turn.model_validate({"from": "gpt", "value": "-"})  # prepare_turns wants a reply
+        pairs = prepare_turns([*turns, placeholder_reply], len(images), s.system_prompt, where)[:-1]
+        pixels, tiles = self._pixels(images, max_dynamic_patch, where)
+        enc = encode_conversation(pairs, self.tokenizer, self.tokens, [n * s.geometry.tokens_per_tile for n in tiles],
+                                  where)
+        ids = enc.input_ids + list(self.tokens.prefix_ids["assistant"])
+        if len(ids) > s.max_seq_length:
+            raise SampleRejected("too_long", f"{where}: the prompt is {len(ids)} tokens, more than "
+                                 f"data.max_seq_length={s.max_seq_length}; raise it or shorten the prompt")
+        return ModelSample(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            labels=torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long),
+            attention_mask=torch.ones(len(ids), dtype=torch.long),
+            pixel_values=pixels,
+            tiles_per_image=tiles,
+            sample_id=sample_id,
         )
 
     def from_shard(self, record: ShardSample, members: dict[str, bytes], where: str = "") -> ModelSample:
