@@ -167,7 +167,7 @@ def test_lora_adapter_answers_like_its_merged_model(tiny_model_dir, adapter_dir,
     qs = questions_from_jsonl(str(loose))[:6]
     lora = load_predictor(str(adapter_dir), data=DATA)  # the base comes from adapter_config.json
     assert lora.kind == "lora"
-    merge_lora(ModelConfig(path=str(tiny_model_dir), dtype="float32"), str(adapter_dir), tmp_path / "merged")
+    merge_lora(ModelConfig(path=str(tiny_model_dir), dtype="float32"), str(adapter_dir), tmp_path / "merged", data=DATA)
     merged = load_predictor(str(tmp_path / "merged"), data=DATA)
     assert merged.kind == "model"
     answers = lora.predict(qs, max_new_tokens=6)
