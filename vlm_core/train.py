@@ -13,7 +13,7 @@ HF Trainer does the optimisation; this module supplies what an InternVL fine-tun
   complete one with the data position restored: the loader continues after the last sample the
   checkpoint trained on instead of replaying the epoch.
 * Rank-0 progress events (vlm_core.progress) for the Prefect task: each start-up phase as it begins
-  (imports, run folder, process group, model, data), then progress every few seconds while training.
+  (imports, run folder, ranks, model, data), then progress every few seconds while training.
   `metrics.jsonl` in the run folder, and per-rank sample logs (ids and data counters of every
   micro-batch) so a run can show which samples each rank trained on.
 * The whole config in the trackers (W&B run config, TensorBoard text), with the data counters summed
@@ -167,8 +167,8 @@ def run(cfg) -> dict:
         identity = claim_run_folder(cfg, identity)
     check_run(cfg)
     use_cpu = not torch.cuda.is_available()
+    emit("phase", phase="setting up the ranks" + (" and DeepSpeed" if cfg.train.deepspeed != "none" else ""))
     targs = training_arguments(cfg, use_cpu)
-    emit("phase", phase="connecting the ranks")
     _ = targs.device  # accelerate sets up the process group here
     if targs.deepspeed and use_cpu:
         import deepspeed

@@ -112,15 +112,16 @@ class ProgressCallback(TrainerCallback):
     """Rank 0's `metrics.jsonl` and progress events: start, a step event every `every_s` seconds (and
     at the first and last step), evaluation starting, every log record, every checkpoint.
 
-    Rates are measured over the steps since the previous step event (a window restarted after each
-    evaluation, which trains nothing); the ETA over all steps of this session, evaluations included.
+    Rates are measured over the steps since the previous step event, less the time spent evaluating
+    in between; the ETA over all steps of this session, evaluations included.
     Tokens are the non-padding tokens of all ranks (the Trainer's `num_input_tokens_seen`).
     """
 
     def __init__(self, sample_log: IO[str], resumed_from: Path | None, every_s: float = 3.0):
         self.sample_log, self.resumed_from, self.every_s = sample_log, resumed_from, every_s
-        self.evaluating = False
-        self.window: tuple[float, int, int] | None = None  # (time, step, tokens) at the last step event
+        self.window = (0.0, 0, 0)  # (time, step, tokens) at the last step event: rates are over the steps since
+        self.paused = 0.0  # seconds of evaluation within the window (no training, so not in the rates)
+        self.eval_began: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -131,11 +132,11 @@ class ProgressCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.monotonic()
-        since, step0, tokens0 = self.window or (now, state.global_step, 0)
+        since, step0, tokens0 = self.window
         due = now - since >= self.every_s or state.global_step in (self.first_step + 1, state.max_steps)
         if not state.is_world_process_zero or not due or state.global_step == step0:
             return
-        seconds = now - since
+        seconds = max(now - since - self.paused, 1e-9)
         done = state.global_step - self.first_step
         logged = next((h for h in reversed(state.log_history) if "loss" in h), {})
         emit("step", step=state.global_step, max_steps=state.max_steps,
@@ -143,17 +144,17 @@ class ProgressCallback(TrainerCallback):
              tokens_per_s=(state.num_input_tokens_seen - tokens0) / seconds,
              eta_s=(now - self.began) / done * (state.max_steps - state.global_step),
              loss=logged.get("loss"), loss_step=logged.get("step"))
-        self.window = (now, state.global_step, state.num_input_tokens_seen)
+        self.window, self.paused = (now, state.global_step, state.num_input_tokens_seen), 0.0
 
     def on_prediction_step(self, args, state, control, **kwargs):
-        if not self.evaluating:
-            self.evaluating = True
+        if self.eval_began is None:
+            self.eval_began = time.monotonic()
             emit("phase", phase=f"evaluating on the held-out samples at step {state.global_step}")
 
     def on_evaluate(self, args, state, control, **kwargs):
-        self.evaluating = False
-        if self.window is not None:
-            self.window = (time.monotonic(), state.global_step, state.num_input_tokens_seen)
+        if self.eval_began is not None:
+            self.paused += time.monotonic() - self.eval_began
+            self.eval_began = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
