@@ -112,9 +112,9 @@ def report_event(event: ProgressEvent, say: Narrator, progress_id) -> None:
         if f.get("max_steps"):
             update_progress_artifact(progress_id, 100.0 * f["step"] / f["max_steps"])
             say.now_doing(f"working on step {f['step'] + 1}/{f['max_steps']}")
-        shown = {k: significant(v) for k, v in f.items() if k in ("loss", "eval_loss", "learning_rate")}
+        shown = [f"{k} {significant(f[k])}" for k in ("loss", "eval_loss", "learning_rate") if k in f]
         if shown:
-            say.say("step %d: %s", f["step"], shown)
+            say.say("step %d: %s", f["step"], ", ".join(shown))
     elif event.kind == "checkpoint":
         say.say("checkpoint %s", f["path"])
 
