@@ -63,7 +63,6 @@ def test_shipped_configs_load_and_round_trip(path):
 def test_demo_config_is_shipped_and_self_contained():
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     assert cfg.model.build_tiny_if_missing and cfg.model.dtype == "float32"
-    assert cfg.data.write_demo_if_missing  # a first run on a fresh server writes the demo data (vlm_core.demo)
     assert cfg.storage.url and "://" not in cfg.storage.url  # local folder: no credentials needed
 
 
@@ -79,6 +78,7 @@ def test_deployment_config_runs_on_a_worker_from_the_repo_root(demo_data):
     assert all(paths.values()), paths
     assert [k for k, v in paths.items() if Path(v).is_absolute()] == []  # resolved under the worker's clone
     assert cfg.model.build_tiny_if_missing and cfg.model.dtype == "float32"
+    assert cfg.data.write_demo_if_missing  # a first run on a fresh server writes the demo data (vlm_core.demo)
     # every pre-launch check passes on this CPU-only machine, once shards exist
     check_run(load_config(DEPLOYMENT, [f"data.shards={demo_data['shards']}"]))
 
