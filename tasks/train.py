@@ -7,11 +7,12 @@ complete checkpoint (local, else fetched from storage) and never starts from zer
 would repeat (a config or data error, a locked or foreign folder, an exception a rank raised) is not
 retried (tasks.errors); a rank's exception is reported as the first failing rank's own error line.
 
-What the run is doing is in the log all along: each start-up phase the ranks report (loading the
-model, connecting the ranks ...), a progress line every `logging.progress_seconds` while training
-(step/total, samples/s, tokens/s, ETA, latest loss), and, whenever nothing else was said for a few
-seconds, what the run is still busy with and for how long (a launcher starting up, a slow first
-batch, a long evaluation), so a user never faces a silent log.
+What the run is doing is in the log all along: each start-up phase the ranks report (setting up
+the ranks, loading the model ...), a progress line every `logging.progress_seconds` while training
+(step/total, samples/s, tokens/s, ETA, latest loss), and, whenever nothing else was said for 5 s
+(or a little more than `logging.progress_seconds`, if that is longer), what the run is still busy
+with and for how long (a launcher starting up, a slow first batch, a long evaluation), so a user
+never faces a silent log.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from vlm_core.progress import ProgressEvent, parse, parse_error
 from vlm_core.report import significant
 from vlm_core.safe_load import check_checkpoint_files
 
-QUIET_SECONDS = 5.0  # a "still ..." line when the log has been quiet this long
+QUIET_SECONDS = 5.0  # a "still ..." line when the log has been quiet this long (at least)
 
 
 def progress_line(f: dict) -> str:
@@ -165,7 +166,8 @@ def _train(cfg: FinetuneConfig, lock: FolderLock) -> dict:
     run_json.write_text(to_json(cfg))
     cmd = command(cfg, run_json)
     progress_id = create_progress_artifact(0.0, key="training-progress", description="Optimizer steps done")
-    narrator = Narrator(log)
+    # the "still ..." lines never come between two progress lines of a steady run
+    narrator = Narrator(log, quiet_s=max(QUIET_SECONDS, cfg.logging.progress_seconds + 2))
     summary: dict = {}
     failures: list[tuple[int, str]] = []  # (rank, "Type: message") of each rank that raised, first first
 

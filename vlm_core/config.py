@@ -326,7 +326,8 @@ class LoggingConfig(_Section):
     )
     progress_seconds: float = Field(
         3.0, gt=0, le=3600, description="Seconds between the progress lines (step/total, samples/s, tokens/s, ETA, "
-        "latest loss) in the run's log while training runs.",
+        "latest loss) in the run's log while training runs; the log says what the run is busy with when it has "
+        "been quiet for 5 s or for this plus 2 s, whichever is longer.",
     )
 
 
