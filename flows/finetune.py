@@ -39,7 +39,11 @@ from vlm_core.identity import compute_identity, differences, read_identity, with
 from vlm_core.infer import questions_from_shards
 from vlm_core.model.load import resolve_model_path
 from vlm_core.preflight import preflight
-from vlm_core.report import loss_curve_png, read_curves
+from vlm_core.report import loss_curve_png, loss_summary, read_curves
+
+# The flow parameter's default. The Prefect UI's "Quick run" opens the run form when a parameter has none;
+# with one it starts a run with the deployment's own parameters (deployments/finetune.yaml).
+BUILT_IN_CONFIG = FinetuneConfig()
 
 
 def report(cfg: FinetuneConfig, data: dict, trained: dict, merged: dict | None) -> None:
@@ -52,11 +56,9 @@ def report(cfg: FinetuneConfig, data: dict, trained: dict, merged: dict | None) 
         f"Saved as `{out / 'loss_curve.png'}`.",
         key="loss-curve", description="Training loss (blue) and eval loss (red) per step.",
     )
-    evals = [v for _, v in curves["eval_loss"]]
     metrics = {"train samples": data["train_samples"], "eval samples": data["eval_samples"],
                "rejected samples": data["rejected"], "steps": trained.get("global_step"),
-               "ranks": trained.get("world_size"), "final train loss": trained.get("train_loss"),
-               "first eval loss": evals[0] if evals else None, "final eval loss": trained.get("final_eval_loss")}
+               "ranks": trained.get("world_size"), **loss_summary(trained)}
     create_table_artifact([{"metric": k, "value": v} for k, v in metrics.items()], key="final-metrics",
                           description="Data, training and evaluation summary of the run.")
     links = [f"- shards: `{cfg.data.shards}` (manifest.json, rejected.jsonl)", f"- run folder: `{out}`"]
@@ -85,7 +87,7 @@ def evaluate_models(cfg: FinetuneConfig, merged: dict) -> dict:
 
 
 @flow(name="finetune")
-def finetune(cfg: FinetuneConfig) -> dict:
+def finetune(cfg: FinetuneConfig = BUILT_IN_CONFIG) -> dict:
     """Prepare shards, train, upload checkpoints, publish the merged (or consolidated) model, and report."""
     if cfg.storage.url:
         load_storage_credentials(cfg)
@@ -100,7 +102,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 
 @flow(name="retrain")
-def retrain(cfg: FinetuneConfig) -> dict:
+def retrain(cfg: FinetuneConfig = BUILT_IN_CONFIG) -> dict:
     """Scheduled retraining: run `finetune` only when the run identity (settings, data or base model)
     differs from the last successful retrain's. Each identity trains in a folder of its own."""
     log = get_run_logger()

@@ -24,6 +24,9 @@ from vlm_core.config import ConfigError, FinetuneConfig
 from vlm_core.identity import locate_run
 from vlm_core.preflight import preflight
 
+# The flow parameter's default: the Prefect UI's "Quick run" opens the run form when a parameter has none.
+BUILT_IN_CONFIG = FinetuneConfig()
+
 
 def newest_adapter(cfg: FinetuneConfig, run_id: str | None) -> str:
     """The newest complete checkpoint of the run (a LoRA adapter, or a full fine-tune's checkpoint)."""
@@ -40,7 +43,7 @@ def newest_adapter(cfg: FinetuneConfig, run_id: str | None) -> str:
 
 
 @flow(name="merge")
-def merge(cfg: FinetuneConfig, adapter: str | None = None, out: str | None = None) -> dict:
+def merge(cfg: FinetuneConfig = BUILT_IN_CONFIG, adapter: str | None = None, out: str | None = None) -> dict:
     """Merge the run's LoRA adapter into its base model (or consolidate a full fine-tune), verify, publish."""
     if cfg.storage.url:
         load_storage_credentials(cfg)

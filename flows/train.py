@@ -13,6 +13,7 @@ from tasks.train import train_task
 from vlm_core.config import FinetuneConfig
 from vlm_core.identity import compute_identity, with_run_dir
 from vlm_core.preflight import preflight
+from vlm_core.report import loss_summary
 
 
 @flow(name="train")
@@ -23,10 +24,10 @@ def train(cfg: FinetuneConfig) -> dict:
     preflight(cfg, "train")  # settings, shards, model, output folder and storage, before any process starts
     cfg = with_run_dir(cfg, compute_identity(cfg))  # train.run_subdir: each identity gets a folder of its own
     summary = train_task(cfg)  # called directly: a cancellation must reach the subprocess owner
+    losses = "".join(f"- {name}: {value}\n" for name, value in loss_summary(summary).items())
     create_markdown_artifact(
         f"# Training `{cfg.name}`\n\n- steps: {summary.get('global_step')} on {summary.get('world_size')} rank(s)\n"
-        f"- final train loss: {summary.get('train_loss')}\n- final eval loss: {summary.get('final_eval_loss')}\n"
-        f"- output: `{cfg.train.output_dir}`\n",
+        f"{losses}- output: `{cfg.train.output_dir}`\n",
         key="training-summary",
         description="What the training run did.",
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import retry_unless_user_error
@@ -17,6 +17,7 @@ from vlm_core.data.length import make_length_check, model_fingerprint
 from vlm_core.data.manifest import Manifest
 from vlm_core.data.readers import DatasetSpec
 from vlm_core.data.shards import Group, GroupResult, Plan, begin, finalize, plan_shards, write_group
+from vlm_core.demo import ensure_demo_data
 
 
 @lru_cache(maxsize=4)
@@ -28,6 +29,9 @@ def _length_check(cfg_json: str):
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
 def plan_task(cfg: FinetuneConfig) -> Plan:
+    if folder := ensure_demo_data(cfg.data):
+        get_run_logger().info("data.meta=%s did not exist: wrote the demo data set to %s (data.write_demo_if_missing)",
+                              cfg.data.meta, folder)
     return plan_shards(cfg.data, model_fingerprint(cfg.model))
 
 

@@ -6,13 +6,25 @@ complete checkpoints go up while training runs; a retried or restarted run resum
 complete checkpoint (local, else fetched from storage) and never starts from zero. A failure that
 would repeat (a config or data error, a locked or foreign folder, an exception a rank raised) is not
 retried (tasks.errors); a rank's exception is reported as the first failing rank's own error line.
+
+What the run is doing is in the log all along: each start-up phase the ranks report (setting up
+the ranks, loading the model ...), a progress line every `logging.progress_seconds` while training
+(step/total, samples/s, tokens/s, ETA, latest loss), and, whenever nothing else was said for 5 s
+(or a little more than `logging.progress_seconds`, if that is longer), what the run is still busy
+with and for how long (a launcher starting up, a slow first batch, a long evaluation), so a user
+never faces a silent log.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -28,23 +40,84 @@ from vlm_core.identity import claim_run_folder, compute_identity
 from vlm_core.launch import check_run, command, thread_env
 from vlm_core.lock import FolderLock
 from vlm_core.progress import ProgressEvent, parse, parse_error
+from vlm_core.report import significant
 from vlm_core.safe_load import check_checkpoint_files
 
+QUIET_SECONDS = 5.0  # a "still ..." line when the log has been quiet this long (at least)
 
-def report_event(event: ProgressEvent, log: logging.LoggerAdapter, progress_id) -> None:
+
+def progress_line(f: dict) -> str:
+    """A step event as one line: step/total, percent, samples/s, tokens/s, the latest logged loss, ETA."""
+    loss = f"{f['loss']:.4g} (logged at step {f['loss_step']})" if f.get("loss") is not None else "not logged yet"
+    return (f"step {f['step']}/{f['max_steps']} ({100 * f['step'] / max(f['max_steps'], 1):.0f}%) | "
+            f"{f['samples_per_s']:.3g} samples/s | {f['tokens_per_s']:,.0f} tokens/s | loss {loss} | "
+            f"ETA {datetime.timedelta(seconds=round(f['eta_s']))}")
+
+
+class Narrator:
+    """The task's voice in the run log: events as they come, and "still <phase>" whenever the log has been
+    quiet for `quiet_s` seconds (said from a thread of its own while `running`)."""
+
+    def __init__(self, log: logging.LoggerAdapter, quiet_s: float = QUIET_SECONDS):
+        self.log, self.quiet_s = log, quiet_s
+        self.phase, self.phase_since = "launching the ranks", time.monotonic()
+        self.said = time.monotonic()
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+
+    def say(self, msg: str, *args) -> None:
+        with self.lock:
+            self.log.info(msg, *args)
+            self.said = time.monotonic()
+
+    def now_doing(self, phase: str) -> None:
+        with self.lock:
+            if phase != self.phase:
+                self.phase, self.phase_since = phase, time.monotonic()
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(0.5):
+            with self.lock:
+                now = time.monotonic()
+                if now - self.said >= self.quiet_s:
+                    self.log.info("still %s, %.0f s so far", self.phase, now - self.phase_since)
+                    self.said = now
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """The "still ..." lines are said while inside."""
+        thread = threading.Thread(target=self._watch, name="training-narrator", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self.stopped.set()
+            thread.join()
+
+
+def report_event(event: ProgressEvent, say: Narrator, progress_id) -> None:
     """One training progress event into the Prefect log and the progress artifact."""
     f = event.fields
-    if event.kind == "start":
-        log.info("training on %d rank(s), effective batch %d, max steps %d%s", f["world_size"], f["effective_batch"],
-                 f["max_steps"], f", resumed from {f['resumed_from']}" if f["resumed_from"] else "")
+    if event.kind == "phase":
+        say.now_doing(f["phase"])
+        say.say("%s", f["phase"])
+    elif event.kind == "start":
+        say.now_doing("waiting for the first optimizer step (first batches, DataLoader workers starting)")
+        say.say("training on %d rank(s), effective batch %d, max steps %d%s", f["world_size"], f["effective_batch"],
+                f["max_steps"], f", resumed from {f['resumed_from']}" if f["resumed_from"] else "")
+    elif event.kind == "step":
+        update_progress_artifact(progress_id, 100.0 * f["step"] / max(f["max_steps"], 1))
+        say.now_doing(f"working on step {f['step'] + 1}/{f['max_steps']}")
+        say.say("%s", progress_line(f))
     elif event.kind == "log":
         if f.get("max_steps"):
             update_progress_artifact(progress_id, 100.0 * f["step"] / f["max_steps"])
-        shown = {k: round(v, 4) for k, v in f.items() if k in ("loss", "eval_loss", "learning_rate")}
+            say.now_doing(f"working on step {f['step'] + 1}/{f['max_steps']}")
+        shown = [f"{k} {significant(f[k])}" for k in ("loss", "eval_loss", "learning_rate") if k in f]
         if shown:
-            log.info("step %d: %s", f["step"], shown)
+            say.say("step %d: %s", f["step"], ", ".join(shown))
     elif event.kind == "checkpoint":
-        log.info("checkpoint %s", f["path"])
+        say.say("checkpoint %s", f["path"])
 
 
 def training_failed(failures: list[tuple[int, str]], log_file: Path) -> TrainingFailed:
@@ -93,6 +166,8 @@ def _train(cfg: FinetuneConfig, lock: FolderLock) -> dict:
     run_json.write_text(to_json(cfg))
     cmd = command(cfg, run_json)
     progress_id = create_progress_artifact(0.0, key="training-progress", description="Optimizer steps done")
+    # the "still ..." lines never come between two progress lines of a steady run
+    narrator = Narrator(log, quiet_s=max(QUIET_SECONDS, cfg.logging.progress_seconds + 2))
     summary: dict = {}
     failures: list[tuple[int, str]] = []  # (rank, "Type: message") of each rank that raised, first first
 
@@ -105,8 +180,9 @@ def _train(cfg: FinetuneConfig, lock: FolderLock) -> dict:
             return
         if event.kind == "done":
             summary.update(event.fields)
+            narrator.now_doing("ending the ranks")
         else:
-            report_event(event, log, progress_id)
+            report_event(event, narrator, progress_id)
 
     def on_start(proc) -> None:
         (out / "train.pid").write_text(str(proc.pid))
@@ -115,18 +191,20 @@ def _train(cfg: FinetuneConfig, lock: FolderLock) -> dict:
     uploader = None
     if cfg.storage.url and cfg.storage.upload_checkpoints:
         uploader = CheckpointUploader(out, cfg.storage.url, run_id).start()
-    try:
-        log.info("launching: %s", " ".join(cmd))
-        run_group(cmd, {**os.environ, **thread_env(cfg)}, out / "train.log", on_line=on_line, on_start=on_start)
-    except ProcessFailed as exc:
-        if not failures:
-            raise  # no rank raised (killed, out of memory): the message ends with the log's last lines
-        raise training_failed(failures, out / "train.log") from exc
-    finally:
-        if uploader:
-            sent = uploader.stop()  # final pass: the last checkpoint goes up too
-            log.info("uploaded %d checkpoint(s) to storage", len(sent))
-            if uploader.failed_passes:
-                log.warning("%d checkpoint upload pass(es) failed while training and were retried; last error: %s",
-                            uploader.failed_passes, uploader.last_error)
+    with narrator.running():
+        try:
+            narrator.say("launching: %s", " ".join(cmd))
+            run_group(cmd, {**os.environ, **thread_env(cfg)}, out / "train.log", on_line=on_line, on_start=on_start)
+        except ProcessFailed as exc:
+            if not failures:
+                raise  # no rank raised (killed, out of memory): the message ends with the log's last lines
+            raise training_failed(failures, out / "train.log") from exc
+        finally:
+            if uploader:
+                narrator.now_doing("uploading the last checkpoints to storage")
+                sent = uploader.stop()  # final pass: the last checkpoint goes up too
+                log.info("uploaded %d checkpoint(s) to storage", len(sent))
+                if uploader.failed_passes:
+                    log.warning("%d checkpoint upload pass(es) failed while training and were retried; last error: %s",
+                                uploader.failed_passes, uploader.last_error)
     return summary

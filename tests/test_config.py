@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from vlm_core.config import (
     ConfigError,
+    DataConfig,
     FinetuneConfig,
     from_json,
     load_config,
@@ -20,6 +21,7 @@ from vlm_core.config import (
     to_yaml,
     validate_config,
 )
+from vlm_core.data.readers import read_meta
 from vlm_core.launch import check_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +78,7 @@ def test_deployment_config_runs_on_a_worker_from_the_repo_root(demo_data):
     assert all(paths.values()), paths
     assert [k for k, v in paths.items() if Path(v).is_absolute()] == []  # resolved under the worker's clone
     assert cfg.model.build_tiny_if_missing and cfg.model.dtype == "float32"
+    assert cfg.data.write_demo_if_missing  # a first run on a fresh server writes the demo data (vlm_core.demo)
     # every pre-launch check passes on this CPU-only machine, once shards exist
     check_run(load_config(DEPLOYMENT, [f"data.shards={demo_data['shards']}"]))
 
@@ -176,3 +179,19 @@ def test_cli_prints_validated_config_and_rejects_bad_keys(tmp_path):
     )
     assert bad.returncode == 2
     assert "did you mean 'train.learning_rate'" in bad.stderr and bad.stdout == ""
+
+
+def test_demo_data_is_written_only_where_asked_and_never_over_a_meta(tmp_path):
+    from vlm_core.demo import ensure_demo_data
+
+    assert ensure_demo_data(DataConfig(meta=str(tmp_path / "off" / "meta.json"))) is None
+    assert not (tmp_path / "off").exists()  # a user's missing data is an error later, never invented
+    on = DataConfig(meta=str(tmp_path / "on" / "meta.json"), write_demo_if_missing=True)
+    assert ensure_demo_data(on) == tmp_path / "on" and len(read_meta(on.meta, None)) == 1
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "meta.json").write_text("{}")
+    assert ensure_demo_data(DataConfig(meta=str(tmp_path / "own" / "meta.json"), write_demo_if_missing=True)) is None
+    assert (tmp_path / "own" / "meta.json").read_text() == "{}"
+    for meta in ("s3://bucket/meta.json", str(tmp_path / "data.json")):
+        with pytest.raises(ConfigError, match=r"data.write_demo_if_missing=true writes the demo data set as FOLDER/meta"):
+            load_config(None, ["data.write_demo_if_missing=true", f"data.meta={meta}"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -14,12 +15,14 @@ import s3fs
 
 from deployments.deploy import deploy_all, start_worker
 from deployments.serve import start_server, stop, wait_healthy
-from helpers.flow_runs import flow_run_artifacts
+from helpers.flow_runs import flow_run_artifacts, flow_run_log_records
 from helpers.servers import free_port
 from tasks.process import process_tree
 from vlm_core.config import FinetuneConfig, load_config
 from vlm_core.demo import write_demo_data
 from vlm_core.storage import is_complete, list_complete
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.integration  # a Prefect server and worker, moto_server, training processes
 
@@ -109,6 +112,52 @@ def _run_summaries(output_dir: str) -> dict[str, dict]:
     """{run id: run_summary.json} of the finished runs under a train.output_dir with train.run_subdir on."""
     found = [json.loads(p.read_text()) for p in Path(output_dir).glob("*/run_summary.json")]
     return {s["run_id"]: s for s in found}
+
+
+STEP_LINE = re.compile(r"step (\d+)/(\d+) \(\d+%\) \| [\d.e+-]+ samples/s \| [\d,]+ tokens/s \| loss (.+) \| ETA \d+:\d\d:\d\d$")
+
+
+def test_quick_run_of_the_deployed_demo_on_a_fresh_server(prefect_api, tmp_path):
+    """`make serve` + `make deploy`, then the UI's "Quick run": the run starts with the deployment's own
+    parameters (deployments/finetune.yaml, only its folders moved out of the repository), writes the demo
+    data it needs, trains and reports; its log is never quiet for long and shows progress."""
+    cfg = load_config(ROOT / "deployments" / "finetune.yaml", [
+        f"data.meta={tmp_path / 'data' / 'meta.json'}", f"data.shards={tmp_path / 'shards'}",
+        f"model.path={tmp_path / 'tiny-internvl'}", f"train.output_dir={tmp_path / 'train'}",
+        f"storage.url={tmp_path / 'storage'}", f"train.master_port={free_port()}"])
+    ids = deploy_all(cfg, pool="e2e")
+    dep = _call("GET", f"{prefect_api}/deployments/{ids['finetune']}").json()
+    assert "cfg" not in (dep["parameter_openapi_schema"].get("required") or [])  # else the UI opens the form
+    r = _call("POST", f"{prefect_api}/deployments/{ids['finetune']}/create_flow_run",  # what Quick run sends
+              json={"state": {"type": "SCHEDULED", "message": "Run from the Prefect UI with defaults"}})
+    assert r.status_code == 201, r.text
+    run = r.json()["id"]
+    fr = _wait(prefect_api, run, timeout=900)
+    assert fr["state"]["type"] == "COMPLETED", fr["state"]
+    assert (tmp_path / "data" / "meta.json").is_file()  # written by the run (data.write_demo_if_missing)
+
+    arts = flow_run_artifacts(run)
+    metrics = {r["metric"]: r["value"] for r in json.loads(arts["final-metrics"].data)}
+    assert metrics["steps"] == cfg.train.max_steps and metrics["ranks"] == cfg.train.nproc_per_node
+    [summary] = [json.loads(p.read_text()) for p in (tmp_path / "train").glob("*/run_summary.json")]
+    last = summary["losses"][str(max(map(int, summary["losses"])))]
+    assert metrics["last logged train loss"] == float(f"{last:.4g}") != last  # 4 significant digits, not 16
+    assert metrics["mean train loss over the run"] == float(f"{summary['train_loss']:.4g}")
+    assert all(v == float(f"{v:.4g}") for v in metrics.values() if isinstance(v, float))
+    assert arts["training-progress"].data == 100.0
+
+    # the training task's log, from launch to the end: never quiet for more than 15 s
+    logs = flow_run_log_records(run)
+    task = next(log.task_run_id for log in logs if log.message.startswith("launching: "))
+    train = [log for log in logs if log.task_run_id == task]
+    begin = next(i for i, log in enumerate(train) if log.message.startswith("launching: "))
+    times = [log.timestamp.timestamp() for log in train[begin:]]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert max(gaps) <= 15, [(str(log.timestamp), log.message) for log in train]
+    messages = [log.message for log in train]
+    assert any(m.startswith("loading the model from") for m in messages)
+    progress = [m for m in messages if STEP_LINE.match(m)]
+    assert STEP_LINE.match(progress[0]).group(1) == "1" and progress[-1].startswith(f"step {cfg.train.max_steps}/")
 
 
 def test_ui_triggered_deployment_runs_the_whole_pipeline(prefect_api, demo):

@@ -61,7 +61,7 @@ def _rank_ids(out: Path, rank: int, steps_per_epoch: int) -> list[str]:
 @pytest.mark.integration
 def test_two_ranks_zero2_train_on_disjoint_samples_and_learn(tiny_model_dir, shards, tmp_path):
     out = tmp_path / "z2"
-    cfg = _cfg(tiny_model_dir, shards, out, "train.max_steps=16")
+    cfg = _cfg(tiny_model_dir, shards, out, "train.max_steps=16", "logging.report_to=[tensorboard]")
     _launch(cfg)
     s = _summary(out)
     assert s["world_size"] == 2 and s["global_step"] == 16
@@ -80,6 +80,38 @@ def test_two_ranks_zero2_train_on_disjoint_samples_and_learn(tiny_model_dir, sha
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in m for m in metrics) and all("data/samples" in m for m in metrics)
     assert [m["step"] for m in metrics if "eval_loss" in m] == [4, 8, 12, 16]  # the final eval is step 16's, once
+    _assert_tensorboard_has_the_counters_of_both_ranks(out, metrics)
+
+
+def _rank_count(rows: list[dict], name: str, before_step: int) -> int:
+    """A data counter of one rank before an optimizer step, from its micro-batch rows (samples/rankN.jsonl)."""
+    def count(stats: dict) -> int:
+        return sum(v for k, v in stats.items() if k.startswith("skipped_")) if name == "skipped" else stats[name]
+
+    return sum(count(row["stats"]) for row in rows if row["step"] < before_step)
+
+
+def _assert_tensorboard_has_the_counters_of_both_ranks(out: Path, metrics: list[dict]) -> None:
+    """TensorBoard, read by its own reader: every data counter at every logged step is the sum of what the
+    two ranks read before that step, the throughput is there, and so is the whole run config as text."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [logdir] = {p.parent for p in out.rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    ranks = [[json.loads(x) for x in (out / "samples" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    for name in ("samples", "images", "tiles", "text_only", "truncated", "skipped", "padded"):
+        logged = {e.step: e.value for e in events.Scalars(f"train/data/{name}")}
+        assert set(logged) == {m["step"] for m in metrics}, name
+        for step, value in logged.items():
+            assert value == sum(_rank_count(rows, name, step) for rows in ranks), (name, step, value)
+    assert all(_rank_count(rows, "tiles", 17) > 0 for rows in ranks)  # rank 0's count alone would not do
+    assert events.Scalars("train/train_tokens_per_second")[-1].value > 0
+    assert events.Scalars("train/train_samples_per_second")[-1].value > 0
+    [config] = events.Tensors("vlmft_config/text_summary")
+    assert "max_dynamic_patch: 2" in config.tensor_proto.string_val[0].decode()
+    steps = [json.loads(x.split(" ", 1)[1]) for x in (out / "train.log").read_text().splitlines()
+             if x.startswith("VLMFT_PROGRESS ") and '"kind": "step"' in x]
+    assert steps[0]["step"] == 1 and steps[-1]["step"] == 16 and all(e["tokens_per_s"] > 0 for e in steps)
 
 
 @pytest.mark.integration
@@ -209,6 +241,7 @@ def test_train_flow_single_process_resume_and_trackers(prefect_server, tiny_mode
 
     from flows.train import train
     from helpers.flow_runs import flow_run_artifacts
+    from helpers.wandb_offline import run_config
 
     def cfg(out, steps):
         return _cfg(tiny_model_dir, shards, out, "train.launcher=python", "train.nproc_per_node=1",
@@ -243,4 +276,9 @@ def test_train_flow_single_process_resume_and_trackers(prefect_server, tiny_mode
     arts = flow_run_artifacts(state.state_details.flow_run_id)
     assert arts["training-progress"].data == 100.0 and "steps: 4" in arts["training-summary"].data
     assert list((tmp_path / "b").rglob("events.out.tfevents.*"))  # TensorBoard
-    assert list((tmp_path / "b" / "wandb").glob("offline-run-*"))  # W&B, offline, no network
+    runs = list((tmp_path / "b" / "wandb").glob("offline-run-*"))  # W&B, offline, no network
+    assert len(runs) == 2  # the first run and the one that continued it
+    for run in runs:  # the whole FinetuneConfig in the run config, next to the Trainer's own arguments
+        config = run_config(run)
+        assert config["data"]["max_dynamic_patch"] == 2 and config["train"]["loss_reduction"] == "square"
+        assert config["lora"] == cfg(tmp_path / "b", 4).lora.model_dump(mode="json") and config["learning_rate"] == 3e-3

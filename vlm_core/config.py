@@ -48,6 +48,11 @@ class DataConfig(_Section):
         "max_dynamic_patch}}) or of a single LLaVA JSON list of records. The default is where "
         "`vlmft demo-data runs/demo/data` (and `make run`) writes the demo data set.",
     )
+    write_demo_if_missing: bool = Field(
+        False,
+        description="Write the generated demo data set (as `vlmft demo-data` does) into data.meta's folder when "
+        "data.meta does not exist; for the demo and its deployment only, data.meta must then be a local meta.json.",
+    )
     image_root: str | None = Field(
         None,
         description="Image folder (path or URL) for a LLaVA JSON list; ignored for an InternVL meta JSON, "
@@ -121,6 +126,15 @@ class DataConfig(_Section):
             raise ValueError(
                 f"data.min_dynamic_patch ({self.min_dynamic_patch}) must not exceed "
                 f"data.max_dynamic_patch ({self.max_dynamic_patch})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _demo_meta(self) -> DataConfig:
+        if self.write_demo_if_missing and ("://" in self.meta or Path(self.meta).name != "meta.json"):
+            raise ValueError(
+                f"data.write_demo_if_missing=true writes the demo data set as FOLDER/meta.json, but data.meta={self.meta} "
+                "is not a local path ending in meta.json; point data.meta at one, or set data.write_demo_if_missing=false"
             )
         return self
 
@@ -309,6 +323,11 @@ class LoggingConfig(_Section):
     wandb_project: str = Field("vlm-finetune", description="W&B project name.")
     wandb_mode: Literal["offline", "online"] = Field(
         "offline", description="W&B mode; online also needs WANDB_API_KEY in the environment."
+    )
+    progress_seconds: float = Field(
+        3.0, gt=0, le=3600, description="Seconds between the progress lines (step/total, samples/s, tokens/s, ETA, "
+        "latest loss) in the run's log while training runs; the log says what the run is busy with when it has "
+        "been quiet for 5 s or for this plus 2 s, whichever is longer.",
     )
 
 

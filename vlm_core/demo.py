@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from vlm_core.config import DataConfig
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
 
@@ -86,3 +88,14 @@ def write_demo_data(folder: str | Path, n: int = 240, seed: int = 0) -> Path:
     meta.write_text(json.dumps({"shapes": {"root": "images", "annotation": "demo.jsonl", "repeat_time": 1,
                                            "max_dynamic_patch": 2}}, indent=1) + "\n")
     return meta
+
+
+def ensure_demo_data(data: DataConfig) -> Path | None:
+    """With data.write_demo_if_missing, write the demo data set where data.meta points when it is missing
+    (a first run of the demo deployment on a fresh server); returns the folder written, else None.
+    meta.json is written last, so a file there means a whole data set."""
+    meta = Path(data.meta)
+    if not data.write_demo_if_missing or meta.exists():
+        return None
+    write_demo_data(meta.parent)
+    return meta.parent

@@ -35,6 +35,7 @@ NOT_IN_IDENTITY: dict[str, str] = {
     "name": "names the run; its storage prefix carries the identity anyway",
     "data.meta": "the data fingerprint covers the annotations and images it points at",
     "data.image_root": "the data fingerprint covers the images",
+    "data.write_demo_if_missing": "how missing demo data is made; the data fingerprint covers what was read",
     "data.shards": "where the shards are, not what they hold (the data fingerprint)",
     "data.prepare_workers": "shards are byte-identical for any number of workers",
     "data.max_reject_fraction": "a pass/fail limit; the samples that pass are in the data fingerprint",

@@ -18,13 +18,15 @@ from typing import Any, Literal
 
 PREFIX = "VLMFT_PROGRESS"
 ERROR_PREFIX = "VLMFT_ERROR"
-EventKind = Literal["start", "log", "checkpoint", "done"]
+EventKind = Literal["phase", "start", "step", "log", "checkpoint", "done"]
 
 
 @dataclass
 class ProgressEvent:
-    """One event: `start` (world size, steps, resume point), `log` (a Trainer log record: step, loss,
-    eval_loss, learning rate, data counters), `checkpoint` (step, path) or `done` (the run summary)."""
+    """One event: `phase` (what the run does before and between optimizer steps: loading the model,
+    evaluating ...), `start` (world size, steps, resume point), `step` (progress every few seconds: step,
+    max_steps, samples/s, tokens/s, ETA, latest loss), `log` (a Trainer log record: step, loss, eval_loss,
+    learning rate, data counters), `checkpoint` (step, path) or `done` (the run summary)."""
 
     kind: EventKind
     fields: dict[str, Any] = field(default_factory=dict)

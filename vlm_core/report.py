@@ -1,4 +1,5 @@
-"""A loss / eval-loss curve as a PNG, drawn with matplotlib from the run's metrics.jsonl.
+"""A loss / eval-loss curve as a PNG, drawn with matplotlib from the run's metrics.jsonl, and the
+run's losses as a user reads them: each named for what it is, at 4 significant digits.
 
 matplotlib is imported inside `loss_curve_png` (Agg, no pyplot and no global state, so it is safe
 from any thread) to keep `import vlm_core` fast for code that never draws a chart.
@@ -15,6 +16,26 @@ CURVE_STYLE: dict[str, tuple[str, str]] = {
     "loss": ("training loss", "#285adc"),  # blue
     "eval_loss": ("eval loss", "#dc3c28"),  # red
 }
+
+
+def significant(value: float | None, digits: int = 4) -> float | None:
+    """`value` rounded to `digits` significant digits (4.458812... -> 4.459; 2e-05 stays 2e-05)."""
+    return None if value is None else float(f"{value:.{digits}g}")
+
+
+def loss_summary(trained: dict) -> dict[str, float | None]:
+    """The losses of a training summary (vlm_core.train's run_summary.json), named for what they are.
+
+    The Trainer's `train_loss` is the mean over the steps this session ran, not the last loss: it is
+    named so (a resumed session's mean starts at the resume), and the last logged loss is given too."""
+    losses, evals = trained.get("losses") or {}, trained.get("eval_losses") or {}
+    mean = "mean train loss since the resume" if trained.get("resumed_from") else "mean train loss over the run"
+    return {
+        "last logged train loss": significant(losses[max(losses, key=int)]) if losses else None,
+        mean: significant(trained.get("train_loss")),
+        "first eval loss": significant(evals[min(evals, key=int)]) if evals else None,
+        "final eval loss": significant(trained.get("final_eval_loss")),
+    }
 
 
 def read_curves(metrics_jsonl: Path) -> dict[str, list[tuple[int, float]]]:

@@ -12,8 +12,12 @@ HF Trainer does the optimisation; this module supplies what an InternVL fine-tun
 * Checkpoints that count only once complete (`checkpoint_complete.json`), and resume from the newest
   complete one with the data position restored: the loader continues after the last sample the
   checkpoint trained on instead of replaying the epoch.
-* Rank-0 progress events (vlm_core.progress) for the Prefect task, `metrics.jsonl` in the run
-  folder, and per-rank sample logs so a run can show which samples each rank trained on.
+* Rank-0 progress events (vlm_core.progress) for the Prefect task: each start-up phase as it begins
+  (imports, run folder, ranks, model, data), then progress every few seconds while training.
+  `metrics.jsonl` in the run folder, and per-rank sample logs (ids and data counters of every
+  micro-batch) so a run can show which samples each rank trained on.
+* The whole config in the trackers (W&B run config, TensorBoard text), with the data counters summed
+  over ranks, tokens/s and samples/s in every log record (vlm_core.trainer).
 """
 
 from __future__ import annotations
@@ -81,18 +85,22 @@ def training_arguments(cfg, use_cpu: bool):
         ddp_find_unused_parameters=False,
         ignore_data_skip=True,  # the loader restores the data position itself, without replaying batches
         disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",  # tokens/s in the logs and the progress events (all ranks)
         optim="adamw_torch",
     )
 
 
 def build_trainer(cfg, targs, model, tokenizer, resume: Path | None, identity: str | None = None):
     """The Trainer wired to the shard streams (restored to the resume point), our loss and callbacks."""
+    from transformers.integrations import TensorBoardCallback
+
+    from vlm_core.config import to_yaml
     from vlm_core.data.collator import Collator
     from vlm_core.data.loader import DataStats, ShardStream
     from vlm_core.data.manifest import read_manifest
     from vlm_core.data.preprocess import make_preprocessor
     from vlm_core.model.loss import vlm_loss
-    from vlm_core.trainer import CheckpointCompleteCallback, ProgressCallback, VLMTrainer
+    from vlm_core.trainer import CheckpointCompleteCallback, ProgressCallback, RunConfigCallback, VLMTrainer
 
     preprocess = make_preprocessor(tokenizer, cfg.data, model.config)
     collate = Collator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
@@ -120,8 +128,11 @@ def build_trainer(cfg, targs, model, tokenizer, resume: Path | None, identity: s
         reduction=reduction, stats=stats, sample_log=sample_log,
         compute_loss_func=lambda outputs, labels, num_items_in_batch=None: vlm_loss(
             outputs.logits, labels, reduction, normalizer=num_items_in_batch),
-        callbacks=[CheckpointCompleteCallback(identity), ProgressCallback(stats, sample_log, resume)],
+        callbacks=[CheckpointCompleteCallback(identity), ProgressCallback(sample_log, resume, cfg.logging.progress_seconds)],
     )
+    tensorboard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
+    trainer.add_callback(RunConfigCallback(cfg.model_dump(mode="json"), to_yaml(cfg), list(cfg.logging.report_to),
+                                           tensorboard))
     return trainer, stats, sample_log
 
 
@@ -149,31 +160,36 @@ def run(cfg) -> dict:
     from vlm_core.safe_load import check_checkpoint_files, torch_load_weights_only
 
     t0 = time.time()
+    emit("phase", phase="checking the run folder, data and base model")
     identity = compute_identity(cfg)  # every rank: the same settings, data and model give the same hash
     cfg = with_run_dir(cfg, identity)
     if _rank() == 0:  # refuses a folder of another run before anything is written to it
         identity = claim_run_folder(cfg, identity)
     check_run(cfg)
     use_cpu = not torch.cuda.is_available()
+    emit("phase", phase="setting up the ranks" + (" and DeepSpeed" if cfg.train.deepspeed != "none" else ""))
     targs = training_arguments(cfg, use_cpu)
+    _ = targs.device  # accelerate sets up the process group here
     if targs.deepspeed and use_cpu:
         import deepspeed
 
-        _ = targs.device  # let accelerate set up the process group first
         deepspeed.init_distributed(dist_backend="gloo")
     resume = resolve_resume(cfg.train.resume_from, cfg.train.output_dir, identity.id)
     if resume is not None:  # a crafted pickle in it fails here, naming the file, before anything reads it
         check_checkpoint_files(resume)
+    emit("phase", phase=f"loading the model from {cfg.model.path}")
     tokenizer = load_tokenizer(cfg.model)
     # A full-weight run without DeepSpeed takes its weights from the checkpoint through from_pretrained:
     # the Trainer's own loader reads the saved (original-format) InternVL keys raw, matches none and only
     # warns. DeepSpeed and LoRA resumes restore the weights themselves.
     weights = resume if resume is not None and cfg.train.deepspeed == "none" and not cfg.lora.enabled else None
     model = build_for_training(cfg, weights_from=weights)
+    emit("phase", phase="opening the shards and setting up the optimizer" + (" (DeepSpeed)" if targs.deepspeed else ""))
     trainer, stats, sample_log = build_trainer(cfg, targs, model, tokenizer, resume, identity.id)
     with torch_load_weights_only():  # DeepSpeed's own resume loads ask for weights_only=False
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final_eval = final_evaluation(trainer, targs)
+    emit("phase", phase="saving the final model")
     trainer.save_model(str(Path(cfg.train.output_dir) / "final"))  # every rank: ZeRO-3 gathers the weights
     sample_log.close()
     history = trainer.state.log_history
@@ -189,7 +205,7 @@ def run(cfg) -> dict:
         "losses": {str(h["step"]): h["loss"] for h in history if "loss" in h},
         "eval_losses": {str(h["step"]): h["eval_loss"] for h in history if "eval_loss" in h},
         "final_eval_loss": final_eval.get("eval_loss"),
-        "data": stats.as_dict(),
+        "data": trainer.summed_stats().as_dict(),  # every rank: a collective
         "seconds": round(time.time() - t0, 1),
     }
     if trainer.is_world_process_zero():
@@ -207,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = parser.parse_args(argv)
     _single_process_env()
+    emit("phase", phase="starting: importing torch, transformers and DeepSpeed")
     try:
         if args.config.endswith(".json") and not args.overrides:
             cfg = from_json(Path(args.config).read_text(), args.config)

@@ -3,17 +3,25 @@
 * `VLMTrainer` trains on the streaming shard loader, which is already split by rank, so it returns
   it from `get_train_dataloader` without accelerate's `prepare` (which would re-split or broadcast
   it), and gives the loss the normaliser of the whole global batch (all micro-batches, all ranks)
-  for InternVL's token / sample / square reductions.
+  for InternVL's token / sample / square reductions. Every log record (losses, evaluation) carries
+  the data counters summed over all ranks and the samples/s since training started, so TensorBoard,
+  W&B and `metrics.jsonl` see what the whole run read, not what rank 0 read.
 * `CheckpointCompleteCallback` marks a checkpoint complete once the save has returned, which is
   what uploads and resume go by (vlm_core.checkpoints).
-* `ProgressCallback` writes `metrics.jsonl` and the progress events the Prefect task reads.
+* `ProgressCallback` writes `metrics.jsonl` and the progress events the Prefect task reads: a step
+  event every `logging.progress_seconds` (step/total, samples/s, tokens/s, ETA, latest loss), and a
+  phase event when evaluation starts, so a user is never left without news for long.
+* `RunConfigCallback` puts the whole `FinetuneConfig` in W&B's run config and in TensorBoard as text:
+  the Trainer's own callbacks record only its TrainingArguments and the model config.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import fields
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from transformers import Trainer, TrainerCallback
 
@@ -26,8 +34,8 @@ from vlm_core.progress import emit
 class VLMTrainer(Trainer):
     """Trainer with the shard streams as data and the global-batch normaliser for the loss.
 
-    Each training batch's data counters are added to `stats` and its sample ids logged to
-    `sample_log` (one JSON line per micro-batch), so a run shows what each rank trained on.
+    Each training batch's data counters are added to `stats` (this rank's) and logged with its sample
+    ids to `sample_log` (one JSON line per micro-batch), so a run shows what each rank trained on.
     """
 
     def __init__(self, *args, train_stream: ShardStream, eval_stream: ShardStream | None, reduction: str,
@@ -57,8 +65,29 @@ class VLMTrainer(Trainer):
         ids = inputs.pop("sample_ids", None)
         if model.training and ids is not None:
             self.stats.add(delta or {})
-            self.sample_log.write(json.dumps({"step": self.state.global_step, "ids": list(ids)}) + "\n")
+            self.sample_log.write(json.dumps({"step": self.state.global_step, "ids": list(ids), "stats": delta or {}}) + "\n")
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def summed_stats(self) -> DataStats:
+        """The data counters of all ranks added up. A collective: every rank must call it at the same point."""
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return DataStats().add(self.stats)
+        names = [f.name for f in fields(DataStats)]
+        counts = torch.tensor([getattr(self.stats, n) for n in names], dtype=torch.int64, device=self.args.device)
+        dist.all_reduce(counts)
+        return DataStats(**dict(zip(names, counts.tolist(), strict=True)))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Every rank logs at the same points (the Trainer gathers the loss or the eval metrics just
+        # before), so the counters can be summed here, for every tracker at once.
+        summed = self.summed_stats()
+        logs.update(summed.as_dict())
+        if start_time is not None:
+            logs["train_samples_per_second"] = round(summed.samples / max(time.time() - start_time, 1e-9), 3)
+        super().log(logs, start_time)
 
 
 class CheckpointCompleteCallback(TrainerCallback):
@@ -80,20 +109,57 @@ class CheckpointCompleteCallback(TrainerCallback):
 
 
 class ProgressCallback(TrainerCallback):
-    """Rank 0's `metrics.jsonl` and progress events: start, every log record, every checkpoint."""
+    """Rank 0's `metrics.jsonl` and progress events: start, a step event every `every_s` seconds (and
+    at the first and last step), evaluation starting, every log record, every checkpoint.
 
-    def __init__(self, stats: DataStats, sample_log: IO[str], resumed_from: Path | None):
-        self.stats, self.sample_log, self.resumed_from = stats, sample_log, resumed_from
+    Rates are measured over the steps since the previous step event, less the time spent evaluating
+    in between; the ETA over all steps of this session, evaluations included.
+    Tokens are the non-padding tokens of all ranks (the Trainer's `num_input_tokens_seen`).
+    """
+
+    def __init__(self, sample_log: IO[str], resumed_from: Path | None, every_s: float = 3.0):
+        self.sample_log, self.resumed_from, self.every_s = sample_log, resumed_from, every_s
+        self.window = (0.0, 0, 0)  # (time, step, tokens) at the last step event: rates are over the steps since
+        self.paused = 0.0  # seconds of evaluation within the window (no training, so not in the rates)
+        self.eval_began: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        self.began, self.first_step = time.monotonic(), state.global_step
+        self.window = (self.began, state.global_step, state.num_input_tokens_seen)
         emit("start", world_size=args.world_size, max_steps=state.max_steps, global_step=state.global_step,
-             effective_batch=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-             resumed_from=str(self.resumed_from) if self.resumed_from else None)
+             effective_batch=self.batch, resumed_from=str(self.resumed_from) if self.resumed_from else None)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.monotonic()
+        since, step0, tokens0 = self.window
+        due = now - since >= self.every_s or state.global_step in (self.first_step + 1, state.max_steps)
+        if not state.is_world_process_zero or not due or state.global_step == step0:
+            return
+        seconds = max(now - since - self.paused, 1e-9)
+        done = state.global_step - self.first_step
+        logged = next((h for h in reversed(state.log_history) if "loss" in h), {})
+        emit("step", step=state.global_step, max_steps=state.max_steps,
+             samples_per_s=(state.global_step - step0) * self.batch / seconds,
+             tokens_per_s=(state.num_input_tokens_seen - tokens0) / seconds,
+             eta_s=(now - self.began) / done * (state.max_steps - state.global_step),
+             loss=logged.get("loss"), loss_step=logged.get("step"))
+        self.window, self.paused = (now, state.global_step, state.num_input_tokens_seen), 0.0
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self.eval_began is None:
+            self.eval_began = time.monotonic()
+            emit("phase", phase=f"evaluating on the held-out samples at step {state.global_step}")
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.eval_began is not None:
+            self.paused += time.monotonic() - self.eval_began
+            self.eval_began = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, **logs, **self.stats.as_dict()}
+        record = {"step": state.global_step, **logs}
         with open(Path(args.output_dir) / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         emit("log", max_steps=state.max_steps, **record)
@@ -101,3 +167,28 @@ class ProgressCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         self.sample_log.flush()
         emit("checkpoint", step=state.global_step, path=str(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
+
+
+class RunConfigCallback(TrainerCallback):
+    """The whole run config in the trackers: W&B's run config (one key per section, so `data.max_dynamic_patch`
+    is a config field there) and a TensorBoard text summary `vlmft_config` (the YAML, at step 0).
+
+    Runs after the Trainer's tracker callbacks (callbacks passed to the Trainer come after its own), so
+    the W&B run and the TensorBoard writer exist by then; `tensorboard` is the Trainer's callback that
+    holds the writer, or None without TensorBoard."""
+
+    def __init__(self, config: dict[str, Any], config_yaml: str, report_to: list[str], tensorboard=None):
+        self.config, self.config_yaml, self.report_to, self.tensorboard = config, config_yaml, report_to, tensorboard
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if "wandb" in self.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.run.config.update(self.config, allow_val_change=True)
+        writer = getattr(self.tensorboard, "tb_writer", None)
+        if writer is not None:
+            writer.add_text("vlmft_config", "".join(f"    {line}\n" for line in self.config_yaml.splitlines()), 0)
+            writer.flush()

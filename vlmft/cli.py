@@ -15,7 +15,6 @@ bug and shows its traceback. Ctrl-C ends the command with exit code 130.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -77,27 +76,31 @@ def _cmd_merge(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
 
 def _cmd_train(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
     from flows.train import train
+    from vlm_core.report import loss_summary
 
     out = train(cfg)
-    print(f"trained {out.get('global_step')} steps on {out.get('world_size')} rank(s); final eval loss "
-          f"{out.get('final_eval_loss')}; checkpoints in {out.get('output_dir', cfg.train.output_dir)} "
-          f"(run {out.get('run_id')})")
+    print(f"\ntrained {out.get('global_step')} steps on {out.get('world_size')} rank(s) as run {out.get('run_id')}; "
+          f"checkpoints in {out.get('output_dir', cfg.train.output_dir)}")
+    print(_losses(loss_summary(out)))
     return 0
+
+
+def _losses(losses: dict[str, float | None]) -> str:
+    """The run's losses (vlm_core.report.loss_summary) on one line: 'last logged train loss 4.201, ...'."""
+    return "; ".join(f"{name} {value}" for name, value in losses.items() if value is not None)
 
 
 def _cmd_run(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
     from flows.finetune import finetune
+    from vlm_core.report import loss_summary
 
     out = finetune(cfg)
     t, d = out["train"], out["data"]
     run_dir = Path(t.get("output_dir", cfg.train.output_dir))
-    evals = [json.loads(x).get("eval_loss") for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [e for e in evals if e is not None]
     print(f"\ndone: {d['train_samples']} train / {d['eval_samples']} eval samples ({d['rejected']} rejected) in {d['shards']}")
     print(f"trained {t.get('global_step')} steps on {t.get('world_size')} rank(s) as run {t.get('run_id')}; "
           f"checkpoints in {run_dir}")
-    if evals:
-        print(f"eval loss: {evals[0]:.3f} at the start -> {evals[-1]:.3f} at the end")
+    print(_losses(loss_summary(t)))
     if out["merged"]:
         print(f"merged model: {out['merged'].get('uploaded_to') or out['merged']['out']}")
     if out.get("eval"):
