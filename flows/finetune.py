@@ -8,9 +8,13 @@ fingerprint, training resumes from its newest complete checkpoint (or is skipped
 already holds a finished run of this configuration), uploads skip unchanged files and a merge of the
 same inputs is a no-op.
 
-With eval.enabled and a held-out split, the base model and the fine-tuned one then answer the same
-held-out questions (greedy generation, vlm_core.infer) and both are scored per data set: a table
-artifact compares them and a markdown artifact shows eval.examples questions with both answers.
+With eval.enabled and a held-out split, the base model, the fine-tuned one and the current model of
+`name` (if one was promoted before) then answer the same held-out questions (greedy generation,
+vlm_core.infer) and are scored per data set: a table artifact compares base and fine-tuned, a markdown
+artifact shows eval.examples questions with both answers. The published folder gets its model card and
+lineage.json, and last of all the fine-tuned model becomes the current one
+(`{storage.url}/{name}/current.json`, vlm_core.promote) only if its eval.metric is at least the current
+model's plus eval.promotion_margin; the `promotion-{name}` artifact says why or why not.
 
 `retrain` is the scheduled variant: it trains only when the run identity (every setting that changes
 what the run learns, the data and the base model; vlm_core.identity) differs from the last successful
@@ -20,25 +24,30 @@ retrain's (kept in a Prefect Variable), and otherwise ends quickly, saying so.
 from __future__ import annotations
 
 import base64
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
 from prefect.variables import Variable
 
 from flows.merge import merge
 from flows.prepare_data import prepare_data
 from tasks.evaluate import evaluate_task
 from tasks.prepare import plan_task
-from tasks.storage import load_storage_credentials
+from tasks.promote import promote_task
+from tasks.storage import load_storage_credentials, upload_folder_task
 from tasks.train import train_task
 from vlm_core.checkpoints import run_url
 from vlm_core.config import FinetuneConfig
 from vlm_core.evaluate import comparison_rows, examples_markdown
-from vlm_core.identity import compute_identity, differences, read_identity, with_run_dir
+from vlm_core.identity import RunIdentity, compute_identity, differences, read_identity, with_run_dir
 from vlm_core.infer import questions_from_shards
+from vlm_core.lineage import build_lineage, write_model_card
 from vlm_core.model.load import resolve_model_path
 from vlm_core.preflight import preflight
+from vlm_core.promote import decide, model_location, pointer_url, read_current
 from vlm_core.report import loss_curve_png, loss_summary, read_curves
 
 # The flow parameter's default. The Prefect UI's "Quick run" opens the run form when a parameter has none;
@@ -71,10 +80,20 @@ def report(cfg: FinetuneConfig, data: dict, trained: dict, merged: dict | None) 
 
 
 def evaluate_models(cfg: FinetuneConfig, merged: dict) -> dict:
-    """The base and the fine-tuned model answer the same held-out questions; both scored, side by side."""
+    """The base, the fine-tuned and the current model answer the same held-out questions; all scored.
+
+    The current model (the one `{storage.url}/{name}/current.json` names) is evaluated again here rather
+    than trusted from its pointer: promotion compares numbers from the same samples, code and settings.
+    """
     base = evaluate_task(cfg, str(resolve_model_path(cfg.model)), "base")  # the folder training started from
     tuned = evaluate_task(cfg, merged["out"], "tuned")
-    slug = "".join(c if c.isalnum() else "-" for c in cfg.name.lower())
+    current = read_current(cfg.storage.url, cfg.name) if cfg.storage.url and cfg.eval.promote else None
+    candidate = model_location(merged.get("uploaded_to") or merged["out"])
+    if current is None or model_location(current["model"]) == candidate:
+        against = tuned["metrics"] if current else None  # a rerun of the current model: the same answers
+    else:
+        against = evaluate_task(cfg, current["model"], "current")["metrics"]
+    slug = _slug(cfg.name)
     create_table_artifact(comparison_rows(base["metrics"], tuned["metrics"]), key=f"eval-{slug}",
                           description="Held-out answers of the base and the fine-tuned model: exact match, token F1 "
                           "and ANLS per data set.")
@@ -83,7 +102,46 @@ def evaluate_models(cfg: FinetuneConfig, merged: dict) -> dict:
         create_markdown_artifact(
             "# Held-out examples\n\n" + examples_markdown(shown, base["rows"], tuned["rows"], cfg.eval.examples),
             key=f"eval-examples-{slug}", description="Held-out questions answered by the base and the fine-tuned model.")
-    return {"base": base["metrics"], "tuned": tuned["metrics"], "seconds": base["seconds"] + tuned["seconds"]}
+    return {"base": base["metrics"], "tuned": tuned["metrics"], "current": against,
+            "current_model": current["model"] if current else None, "seconds": base["seconds"] + tuned["seconds"]}
+
+
+def publish_and_promote(cfg: FinetuneConfig, identity: RunIdentity, merged: dict, evaluated: dict | None,
+                        started_at: datetime) -> dict:
+    """Model card and lineage into the published folder; then, only if the evaluation says so, the pointer.
+
+    The pointer is the last write of the run: a crash anywhere before it leaves the previous current model
+    in place, and a candidate that is not promoted stays published with its card and metrics.
+    """
+    model_url = merged.get("uploaded_to") or merged["out"]
+    metrics = evaluated["tuned"] if evaluated else None
+    lineage = build_lineage(cfg, identity, metrics=metrics, flow_run_id=str(flow_run.id or "") or None,
+                            started_at=started_at, ended_at=datetime.now(UTC), model_url=model_url)
+    write_model_card(merged["out"], cfg, metrics, lineage)
+    if merged.get("uploaded_to"):  # the card and lineage.json join the upload (unchanged files are skipped)
+        upload_folder_task(cfg, merged["out"], merged["uploaded_to"])
+    decision = None
+    if evaluated is None:
+        reason = "not evaluated (eval.enabled=false or no held-out samples), so not promoted"
+    elif not cfg.storage.url:
+        reason = "storage.url is not set: there is no current-model pointer to move"
+    else:
+        decision = decide(metrics, evaluated["current"], cfg.eval.metric, cfg.eval.promotion_margin)
+        reason = decision.reason if cfg.eval.promote else f"eval.promote=false, not promoted ({decision.reason})"
+    promoted = bool(decision and decision.promote and cfg.eval.promote)
+    if promoted:
+        promote_task(cfg, model_url, metrics, lineage, decision.reason)
+    where = pointer_url(cfg.storage.url, cfg.name) if cfg.storage.url else None
+    create_markdown_artifact(
+        f"# {'Promoted' if promoted else 'Not promoted'}\n\n- candidate: `{model_url}`\n"
+        f"- current model before this run: `{(evaluated or {}).get('current_model') or 'none'}`\n"
+        f"- decision: {reason}\n" + (f"- pointer: `{where}`\n" if where else ""),
+        key=f"promotion-{_slug(cfg.name)}", description="Whether this run's model became the current one, and why.")
+    return {"promoted": promoted, "reason": reason, "model": model_url, "pointer": where}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower())
 
 
 @flow(name="finetune")
@@ -92,13 +150,16 @@ def finetune(cfg: FinetuneConfig = BUILT_IN_CONFIG) -> dict:
     if cfg.storage.url:
         load_storage_credentials(cfg)
     preflight(cfg, "run")  # all but the shards (not prepared yet): storage fails now, not after training
+    started_at = datetime.now(UTC)
     data = prepare_data(cfg)
-    cfg = with_run_dir(cfg, compute_identity(cfg))  # train.run_subdir: each identity gets a folder of its own
+    identity = compute_identity(cfg)
+    cfg = with_run_dir(cfg, identity)  # train.run_subdir: each identity gets a folder of its own
     trained = train_task(cfg)  # called directly: a cancellation must reach the subprocess owner
     merged = merge(cfg)  # LoRA: adapter merged into the base; full fine-tune: checkpoint consolidated
     evaluated = evaluate_models(cfg, merged) if cfg.eval.enabled and data["eval_samples"] else None
+    promotion = publish_and_promote(cfg, identity, merged, evaluated, started_at)  # the pointer is written last
     report(cfg, data, trained, merged)
-    return {"data": data, "train": trained, "merged": merged, "eval": evaluated}
+    return {"data": data, "train": trained, "merged": merged, "eval": evaluated, "promotion": promotion}
 
 
 @flow(name="retrain")

@@ -21,7 +21,9 @@ from tasks.merge import consolidate_task, merge_task
 from tasks.storage import load_storage_credentials, upload_folder_task
 from vlm_core.checkpoints import checkpoint_identity, newest_checkpoint, run_url
 from vlm_core.config import ConfigError, FinetuneConfig
+from vlm_core.data.manifest import read_manifest
 from vlm_core.identity import locate_run
+from vlm_core.lineage import build_lineage, write_model_card
 from vlm_core.preflight import preflight
 
 # The flow parameter's default: the Prefect UI's "Quick run" opens the run form when a parameter has none.
@@ -58,6 +60,8 @@ def merge(cfg: FinetuneConfig = BUILT_IN_CONFIG, adapter: str | None = None, out
     adapter = adapter or newest_adapter(cfg, run_id)
     out = out or str(Path(cfg.train.output_dir) / "merged")
     result = merge_task(cfg, adapter, out) if cfg.lora.enabled else consolidate_task(cfg, adapter, out)
+    if read_manifest(cfg.data.shards) is not None:  # a model card and lineage.json (the finetune flow adds metrics)
+        write_model_card(out, cfg, None, build_lineage(cfg, model_url=out))
     if cfg.storage.url and run_id:
         result["uploaded_to"] = upload_folder_task(cfg, out, f"{run_url(cfg.storage.url, run_id)}/merged")["url"]
     create_markdown_artifact(

@@ -70,7 +70,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _normalise(url: str) -> str:
+def model_location(url: str) -> str:
     """A model location as the pointer stores it: URLs as given, local paths absolute (readers run elsewhere)."""
     return url.rstrip("/") if "://" in url else str(Path(url).resolve())
 
@@ -232,7 +232,7 @@ def promote(storage_url: str, name: str, model_url: str, metrics: dict[str, Any]
     (Decision.reason after an evaluation).
     """
     check_model_folder(model_url)
-    model_url = _normalise(model_url)
+    model_url = model_location(model_url)
     before = read_current(storage_url, name)
     if before is None:
         previous = None

@@ -15,6 +15,7 @@ bug and shows its traceback. Ctrl-C ends the command with exit code 130.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
