@@ -266,3 +266,38 @@ def test_failed_after_training_then_retried_does_not_train_again(prefect_server,
     assert out["merged"]["uploaded_to"] == f"s3://retry-bucket/runs/{run_id}/merged"
     for model in ("base", "tuned"):  # both answered the 4 held-out questions, scored per data set
         assert set(out["eval"][model]["datasets"]) == {"shapes"} and out["eval"][model]["overall"]["count"] == 4
+
+
+def test_only_a_better_model_becomes_current(prefect_server, demo):
+    """Promotion against a real S3 server: the first evaluated model becomes current; a model trained
+    with a learning rate too small to learn anything is published with its card but leaves the pointer
+    byte for byte as it was, because the current model, re-evaluated in the same run, answers better."""
+    from flows.finetune import finetune
+    from vlm_core.promote import pointer_url
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("promote-bucket")
+    learns = _cfg(demo, "promo", "storage.url=s3://promote-bucket", "train.max_steps=40", "train.save_steps=40",
+                  "train.eval_steps=40", "train.learning_rate=5e-3", "train.run_subdir=true", "eval.examples=0")
+    first = finetune(learns)
+    assert first["promotion"]["promoted"], first["promotion"]
+    tuned, base = first["eval"]["tuned"]["overall"], first["eval"]["base"]["overall"]
+    assert tuned["exact_match"] > base["exact_match"]  # it learned something the random base cannot answer
+    pointer = pointer_url("s3://promote-bucket", "promo")
+    doc = json.loads(fs.cat(pointer))
+    assert doc["model"] == first["merged"]["uploaded_to"] and doc["metric"]["value"] == tuned["exact_match"]
+    card = fs.cat(f"{doc['model']}/README.md").decode()
+    assert card.startswith("---\n") and "model-index" in card
+    lineage = json.loads(fs.cat(f"{doc['model']}/lineage.json"))
+    assert lineage["metrics"]["overall"] == tuned and lineage["identity"] == doc["identity"]
+    before = fs.cat(pointer)
+
+    stuck = learns.model_copy(update={"train": learns.train.model_copy(update={"learning_rate": 1e-9})})
+    second = finetune(stuck)
+    assert not second["promotion"]["promoted"]
+    assert second["eval"]["tuned"]["overall"]["exact_match"] < second["eval"]["current"]["overall"]["exact_match"]
+    assert second["eval"]["current"]["overall"] == tuned  # the current model, answered again: the same answers
+    assert fs.cat(pointer) == before  # the pointer did not move
+    kept = second["merged"]["uploaded_to"]
+    assert kept != doc["model"] and is_complete(kept) and fs.exists(f"{kept}/lineage.json")
+    assert "the current model stays" in second["promotion"]["reason"]

@@ -109,6 +109,10 @@ def _cmd_run(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
 
         print(f"held-out answers, base vs fine-tuned ({out['eval']['seconds']:.0f} s):")
         print(comparison_table(out["eval"]["base"], out["eval"]["tuned"]))
+    if out.get("promotion"):
+        p = out["promotion"]
+        print(f"{'promoted' if p['promoted'] else 'not promoted'}: {p['reason']}"
+              + (f" (pointer: {p['pointer']})" if p["promoted"] else ""))
     print(f"loss curve: {run_dir / 'loss_curve.png'}")
     return 0
 
