@@ -282,3 +282,41 @@ def test_train_flow_single_process_resume_and_trackers(prefect_server, tiny_mode
         config = run_config(run)
         assert config["data"]["max_dynamic_patch"] == 2 and config["train"]["loss_reduction"] == "square"
         assert config["lora"] == cfg(tmp_path / "b", 4).lora.model_dump(mode="json") and config["learning_rate"] == 3e-3
+
+
+GENERATIVE = ("exact_match", "f1", "anls")
+
+
+def _generative_scores(out: Path) -> dict[int, dict[str, float]]:
+    """{step: {metric: value}} of the eval records in metrics.jsonl that carry generative scores."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {m: r[f"eval_{m}"] for m in GENERATIVE} for r in rows if "eval_exact_match" in r}
+
+
+@pytest.mark.integration
+def test_generative_eval_during_training_is_logged_and_leaves_training_alone(tiny_model_dir, shards, tmp_path):
+    """eval.during_training: exact match, F1 and ANLS at every evaluation (step 0 included) in metrics.jsonl
+    and TensorBoard, and the training losses step for step those of the same run without it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def cfg(out: Path, *extra: str) -> FinetuneConfig:
+        return _cfg(tiny_model_dir, shards, out, "train.launcher=python", "train.nproc_per_node=1",
+                    "train.deepspeed=none", "train.max_steps=4", "train.eval_steps=2", "train.eval_on_start=true",
+                    "train.save_steps=100", *extra)
+
+    _launch(cfg(tmp_path / "plain"))
+    _launch(cfg(tmp_path / "gen", "eval.during_training=true", "eval.max_samples=3", "eval.max_new_tokens=6",
+                "eval.batch_size=2", "logging.report_to=[tensorboard]"))
+    plain, gen = _summary(tmp_path / "plain"), _summary(tmp_path / "gen")
+    assert gen["losses"] == plain["losses"] and len(gen["losses"]) == 4  # the same floats, step for step
+    assert gen["eval_losses"] == plain["eval_losses"]
+    scores = _generative_scores(tmp_path / "gen")
+    assert sorted(scores) == [0, 2, 4]
+    assert all(0.0 <= v <= 1.0 for s in scores.values() for v in s.values())
+    assert _generative_scores(tmp_path / "plain") == {}
+    [logdir] = {p.parent for p in (tmp_path / "gen").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0}).Reload()
+    for m in GENERATIVE:
+        assert {e.step: e.value for e in events.Scalars(f"eval/{m}")} == pytest.approx(
+            {step: s[m] for step, s in scores.items()})
+    assert all(e.value > 0 for e in events.Scalars("eval/generation_runtime"))
