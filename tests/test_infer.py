@@ -236,3 +236,31 @@ def test_what_is_not_a_model_says_so(tmp_path):
         load_predictor(str(tmp_path / "none"))
     with pytest.raises(ConfigError, match="no folder at that URL"):
         load_predictor("memory://infer-none", cache_dir=str(tmp_path / "cache"))
+
+
+def test_generative_eval_during_training_answers_with_the_training_model_and_leaves_it_as_it_was(
+        tiny_model_dir, predictor, loose):
+    """eval.during_training's scorer on a LoRA model as training holds it (train mode, dropout, gradient
+    checkpointing): the answers of the same weights loaded for inference, and afterwards the same mode, weights,
+    gradients, config and random number state as before."""
+    from vlm_core.data.preprocess import make_preprocessor
+    from vlm_core.evaluate import evaluate
+    from vlm_core.model import build_for_training
+    from vlm_core.trainer import GenerativeEval
+
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", "model.dtype=float32", "model.gradient_checkpointing=true",
+                             "lora.enabled=true", "lora.r=4", "lora.dropout=0.2"])
+    model = build_for_training(cfg).train()  # fresh adapters (lora_B = 0): the base model's answers
+    questions = questions_from_jsonl(str(loose))[:5]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    rng = torch.get_rng_state()
+    scorer = GenerativeEval(questions, make_preprocessor(predictor.tokenizer, DATA, model.config), 8, 2)
+    scores = scorer.run(model, predictor.tokenizer, torch.device("cpu"), step=0)
+    expected = evaluate(predictor, questions, max_new_tokens=8, batch_size=2).metrics["overall"]
+    assert {k: scores[k] for k in ("exact_match", "f1", "anls")} == {k: expected[k] for k in ("exact_match", "f1", "anls")}
+    assert scores["generation_runtime"] > 0
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
+    assert model.config.use_cache is False  # gradient checkpointing's setting, untouched

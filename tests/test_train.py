@@ -61,7 +61,8 @@ def _rank_ids(out: Path, rank: int, steps_per_epoch: int) -> list[str]:
 @pytest.mark.integration
 def test_two_ranks_zero2_train_on_disjoint_samples_and_learn(tiny_model_dir, shards, tmp_path):
     out = tmp_path / "z2"
-    cfg = _cfg(tiny_model_dir, shards, out, "train.max_steps=16", "logging.report_to=[tensorboard]")
+    cfg = _cfg(tiny_model_dir, shards, out, "train.max_steps=16", "logging.report_to=[tensorboard]",
+               "eval.during_training=true", "eval.max_samples=4", "eval.max_new_tokens=8")
     _launch(cfg)
     s = _summary(out)
     assert s["world_size"] == 2 and s["global_step"] == 16
@@ -81,6 +82,23 @@ def test_two_ranks_zero2_train_on_disjoint_samples_and_learn(tiny_model_dir, sha
     assert any("eval_loss" in m for m in metrics) and all("data/samples" in m for m in metrics)
     assert [m["step"] for m in metrics if "eval_loss" in m] == [4, 8, 12, 16]  # the final eval is step 16's, once
     _assert_tensorboard_has_the_counters_of_both_ranks(out, metrics)
+    _assert_generative_scores_at_every_eval(out, [4, 8, 12, 16])
+    scores = _generative_scores(out)
+    assert scores[16]["f1"] > scores[4]["f1"]  # answered by the weights being trained: it starts to get words right
+
+
+def _assert_generative_scores_at_every_eval(out: Path, steps: list[int]) -> None:
+    """eval.during_training under 2 ranks: exact match, F1 and ANLS in [0, 1] at each eval step, written once
+    (by the main process) in metrics.jsonl and in TensorBoard as eval/<metric>."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scores = _generative_scores(out)
+    assert sorted(scores) == steps
+    assert all(0.0 <= v <= 1.0 for s in scores.values() for v in s.values())
+    [logdir] = {p.parent for p in out.rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0}).Reload()
+    for m in GENERATIVE:
+        assert {e.step: e.value for e in events.Scalars(f"eval/{m}")} == pytest.approx({t: s[m] for t, s in scores.items()})
 
 
 def _rank_count(rows: list[dict], name: str, before_step: int) -> int:
@@ -116,15 +134,18 @@ def _assert_tensorboard_has_the_counters_of_both_ranks(out: Path, metrics: list[
 
 @pytest.mark.integration
 def test_zero3_and_lora_adapter_only_checkpoints(tiny_model_dir, shards, tmp_path):
+    gen = ("eval.during_training=true", "eval.max_samples=3", "eval.max_new_tokens=6", "eval.batch_size=2")
     z3 = tmp_path / "z3"
-    _launch(_cfg(tiny_model_dir, shards, z3, "train.deepspeed=zero3", "train.max_steps=4"))
+    _launch(_cfg(tiny_model_dir, shards, z3, "train.deepspeed=zero3", "train.max_steps=4", *gen))
     s = _summary(z3)
     assert s["world_size"] == 2 and s["global_step"] == 4 and s["final_eval_loss"] is not None
+    assert list(_generative_scores(z3)) == [4]  # generation under ZeRO-3's partitioned weights, in lockstep
     assert (z3 / "final" / "model.safetensors").stat().st_size > 100_000  # gathered from the ZeRO-3 shards
 
     lora = tmp_path / "lora"
-    _launch(_cfg(tiny_model_dir, shards, lora, "lora.enabled=true", "lora.r=4", "train.max_steps=4"))
+    _launch(_cfg(tiny_model_dir, shards, lora, "lora.enabled=true", "lora.r=4", "train.max_steps=4", *gen))
     s = _summary(lora)
+    assert list(_generative_scores(lora)) == [4]  # the peft model answers
     assert s["world_size"] == 2 and s["losses"]["4"] < s["losses"]["1"]
     ck = lora / "checkpoint-3"
     assert (ck / "adapter_model.safetensors").is_file() and (ck / "adapter_config.json").is_file()
@@ -282,3 +303,43 @@ def test_train_flow_single_process_resume_and_trackers(prefect_server, tiny_mode
         config = run_config(run)
         assert config["data"]["max_dynamic_patch"] == 2 and config["train"]["loss_reduction"] == "square"
         assert config["lora"] == cfg(tmp_path / "b", 4).lora.model_dump(mode="json") and config["learning_rate"] == 3e-3
+
+
+GENERATIVE = ("exact_match", "f1", "anls")
+
+
+def _generative_scores(out: Path) -> dict[int, dict[str, float]]:
+    """{step: {metric: value}} of the eval records in metrics.jsonl that carry generative scores."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {m: r[f"eval_{m}"] for m in GENERATIVE} for r in rows if "eval_exact_match" in r}
+
+
+@pytest.mark.integration
+def test_generative_eval_during_training_is_logged_and_leaves_training_alone(tiny_model_dir, shards, tmp_path):
+    """eval.during_training: exact match, F1 and ANLS at every evaluation (step 0 included) in metrics.jsonl
+    and TensorBoard, and the training losses step for step those of the same run without it. A full fine-tune:
+    its CPU runs repeat to the last bit, LoRA's do not (its losses differ from step 2 between identical runs).
+    The model's mode, weights and random number state are checked directly in test_infer."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def cfg(out: Path, *extra: str) -> FinetuneConfig:
+        return _cfg(tiny_model_dir, shards, out, "train.launcher=python", "train.nproc_per_node=1",
+                    "train.deepspeed=none", "train.max_steps=4", "train.eval_steps=2", "train.eval_on_start=true",
+                    "train.save_steps=100", *extra)
+
+    _launch(cfg(tmp_path / "plain"))
+    _launch(cfg(tmp_path / "gen", "eval.during_training=true", "eval.max_samples=3", "eval.max_new_tokens=6",
+                "eval.batch_size=2", "logging.report_to=[tensorboard]"))
+    plain, gen = _summary(tmp_path / "plain"), _summary(tmp_path / "gen")
+    assert gen["losses"] == plain["losses"] and len(gen["losses"]) == 4  # the same floats, step for step
+    assert gen["eval_losses"] == plain["eval_losses"]
+    scores = _generative_scores(tmp_path / "gen")
+    assert sorted(scores) == [0, 2, 4]
+    assert all(0.0 <= v <= 1.0 for s in scores.values() for v in s.values())
+    assert _generative_scores(tmp_path / "plain") == {}
+    [logdir] = {p.parent for p in (tmp_path / "gen").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0}).Reload()
+    for m in GENERATIVE:
+        assert {e.step: e.value for e in events.Scalars(f"eval/{m}")} == pytest.approx(
+            {step: s[m] for step, s in scores.items()})
+    assert all(e.value > 0 for e in events.Scalars("eval/generation_runtime"))

@@ -353,7 +353,9 @@ class EvalConfig(_Section):
     )
     examples: int = Field(6, ge=0, le=100, description="Held-out examples shown side by side (base vs fine-tuned) in the run's report.")
     during_training: bool = Field(
-        False, description="Also run generative evaluation every train.eval_steps and log eval/<metric> to the trackers.",
+        False, description="Also answer the first eval.max_samples held-out questions at every evaluation during training "
+        "(train.eval_steps, train.eval_on_start, the final one) with the model being trained, and log exact match, F1 "
+        "and ANLS next to eval_loss (eval_exact_match ... in metrics.jsonl, eval/exact_match ... in TensorBoard / W&B).",
     )
 
 

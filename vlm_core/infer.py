@@ -283,6 +283,14 @@ class Predictor:
     kind: ModelKind
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, preprocessor: Preprocessor, device: torch.device,
+                   source: str = "the model being trained") -> Predictor:
+        """A predictor over a model already in memory (e.g. the one a Trainer is training, a peft model
+        included), answering through the given preprocessor. Nothing is copied or moved: the caller puts
+        the model in eval mode and restores its mode afterwards."""
+        return cls(model, tokenizer, preprocessor, source, "model", device)
+
     def _prompt(self, q: Question) -> ModelSample:
         try:
             return self.preprocessor.generation_prompt(q.turns, q.images, q.id, q.max_dynamic_patch,
@@ -296,10 +304,12 @@ class Predictor:
         # a batch without images passes no pixel_values at all (generate would run the vision tower on None)
         pixels = {"pixel_values": torch.cat(tiles).to(self.device, self.model.dtype)} if tiles else {}
         end = self.preprocessor.tokens.im_end_id
+        # use_cache=True: a model trained with gradient checkpointing has config.use_cache=False, which would
+        # recompute the whole prefix at every new token; passing it here leaves the model's config alone.
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=batch["input_ids"].to(self.device), attention_mask=batch["attention_mask"].to(self.device),
-                **pixels, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                **pixels, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                 temperature=None, top_p=None, top_k=None, eos_token_id=end, pad_token_id=self.tokenizer.pad_token_id,
             )
         answers = []

@@ -16,6 +16,8 @@ HF Trainer does the optimisation; this module supplies what an InternVL fine-tun
   (imports, run folder, ranks, model, data), then progress every few seconds while training.
   `metrics.jsonl` in the run folder, and per-rank sample logs (ids and data counters of every
   micro-batch) so a run can show which samples each rank trained on.
+* With `eval.during_training`, every evaluation also answers held-out questions and logs exact match,
+  F1 and ANLS next to eval_loss (vlm_core.trainer.GenerativeEval).
 * The whole config in the trackers (W&B run config, TensorBoard text), with the data counters summed
   over ranks, tokens/s and samples/s in every log record (vlm_core.trainer).
 """
@@ -99,18 +101,28 @@ def build_trainer(cfg, targs, model, tokenizer, resume: Path | None, identity: s
     from vlm_core.data.loader import DataStats, ShardStream
     from vlm_core.data.manifest import read_manifest
     from vlm_core.data.preprocess import make_preprocessor
+    from vlm_core.infer import questions_from_shards
     from vlm_core.model.loss import vlm_loss
-    from vlm_core.trainer import CheckpointCompleteCallback, ProgressCallback, RunConfigCallback, VLMTrainer
+    from vlm_core.trainer import (
+        CheckpointCompleteCallback,
+        GenerativeEval,
+        ProgressCallback,
+        RunConfigCallback,
+        VLMTrainer,
+    )
 
     preprocess = make_preprocessor(tokenizer, cfg.data, model.config)
     collate = Collator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
     stream_kw = dict(batch_size=cfg.train.per_device_batch_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers)
     train_stream = ShardStream.from_folder(cfg.data.shards, preprocess, collate, "train", shuffle_buffer=cfg.data.shuffle_buffer,
                                            shuffle_shards=cfg.data.shuffle_shards, **stream_kw)
-    eval_stream = None
+    eval_stream, generative_eval = None, None
     if read_manifest(cfg.data.shards).eval.samples:
         eval_stream = ShardStream.from_folder(cfg.data.shards, preprocess, collate, "eval", shuffle_buffer=0,
                                               shuffle_shards=False, **stream_kw)
+        if cfg.eval.during_training:  # read once; every rank answers the same questions (vlm_core.trainer)
+            generative_eval = GenerativeEval(questions_from_shards(cfg.data.shards, cfg.eval.max_samples), preprocess,
+                                             cfg.eval.max_new_tokens, cfg.eval.batch_size)
     else:  # no held-out shards: nothing to evaluate on
         targs.eval_strategy = "no"
         targs.eval_on_start = False
@@ -125,7 +137,7 @@ def build_trainer(cfg, targs, model, tokenizer, resume: Path | None, identity: s
     reduction = cfg.train.loss_reduction
     trainer = VLMTrainer(
         model=model, args=targs, processing_class=tokenizer, train_stream=train_stream, eval_stream=eval_stream,
-        reduction=reduction, stats=stats, sample_log=sample_log,
+        reduction=reduction, stats=stats, sample_log=sample_log, generative_eval=generative_eval,
         compute_loss_func=lambda outputs, labels, num_items_in_batch=None: vlm_loss(
             outputs.logits, labels, reduction, normalizer=num_items_in_batch),
         callbacks=[CheckpointCompleteCallback(identity), ProgressCallback(sample_log, resume, cfg.logging.progress_seconds)],

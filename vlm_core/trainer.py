@@ -6,6 +6,10 @@
   for InternVL's token / sample / square reductions. Every log record (losses, evaluation) carries
   the data counters summed over all ranks and the samples/s since training started, so TensorBoard,
   W&B and `metrics.jsonl` see what the whole run read, not what rank 0 read.
+* `GenerativeEval` (`eval.during_training`): every evaluation the Trainer runs also answers the first
+  `eval.max_samples` held-out questions with the model being trained and adds exact match, token F1
+  and ANLS to the eval metrics, next to eval_loss (the loss says how likely the reference answers
+  are; these say whether the model now gives them).
 * `CheckpointCompleteCallback` marks a checkpoint complete once the save has returned, which is
   what uploads and resume go by (vlm_core.checkpoints).
 * `ProgressCallback` writes `metrics.jsonl` and the progress events the Prefect task reads: a step
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,8 +31,55 @@ from transformers import Trainer, TrainerCallback
 
 from vlm_core.checkpoints import mark_complete
 from vlm_core.data.loader import DataStats, ShardStream, make_dataloader
+from vlm_core.data.preprocess import Preprocessor
+from vlm_core.evaluate import evaluate
+from vlm_core.infer import Predictor, Question
 from vlm_core.model.loss import global_weight_total
 from vlm_core.progress import emit
+
+
+@dataclass
+class GenerativeEval:
+    """Held-out questions answered (greedy) by the model being trained, scored overall.
+
+    Every rank answers all the questions, in lockstep, and computes the same scores; the Trainer's
+    main process alone writes them (its `log` callbacks). Splitting the questions across ranks would
+    be faster, but under ZeRO-3 each forward pass is a collective (the layers' weights are gathered
+    from all ranks), so every rank must make the same number of forward passes: uneven shares or
+    answers of different lengths would hang the run. With the same questions, weights and batches on
+    every rank, the ranks make the same calls, and `generate` itself keeps stepping until every rank
+    has finished (transformers' `synced_gpus`, on by default under ZeRO-3), so a rank whose answer
+    ended early still joins the others' gathers. Under ZeRO-1/2 and DDP generation makes no collective
+    at all. The cost is that of one rank answering `eval.max_samples` questions.
+
+    Generation leaves training as it was: the model's train/eval mode is restored, no gradients are
+    kept, the random number generators' state is restored (greedy decoding draws none, but the next
+    training step's dropout must not depend on whether this ran), and the model config's `use_cache`
+    is not touched (vlm_core.infer passes it to `generate`)."""
+
+    questions: list[Question]
+    preprocessor: Preprocessor  # the training one: the same template, tiling and image tokens
+    max_new_tokens: int
+    batch_size: int
+
+    def run(self, model: Any, tokenizer: Any, device: Any, step: int) -> dict[str, float]:
+        """{exact_match, f1, anls (overall, 0..1), generation_runtime (seconds)} of `model` (unwrapped: the
+        module itself, or the peft model with LoRA)."""
+        import torch
+
+        emit("phase", phase=f"answering {len(self.questions)} held-out questions (generative evaluation) at step {step}")
+        was_training = model.training
+        model.eval()
+        cuda = [device] if getattr(device, "type", "cpu") == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                result = evaluate(Predictor.from_model(model, tokenizer, self.preprocessor, device), self.questions,
+                                  self.max_new_tokens, self.batch_size)
+        finally:
+            model.train(was_training)
+        overall = result.metrics["overall"]
+        return {"exact_match": overall["exact_match"], "f1": overall["f1"], "anls": overall["anls"],
+                "generation_runtime": round(result.seconds, 4)}
 
 
 class VLMTrainer(Trainer):
@@ -36,13 +87,16 @@ class VLMTrainer(Trainer):
 
     Each training batch's data counters are added to `stats` (this rank's) and logged with its sample
     ids to `sample_log` (one JSON line per micro-batch), so a run shows what each rank trained on.
+    With `generative_eval`, each evaluation also logs `eval_exact_match`, `eval_f1`, `eval_anls` and
+    `eval_generation_runtime` in the same record as `eval_loss` (`eval/exact_match` ... in TensorBoard
+    and W&B, whose callbacks turn the `eval_` prefix into `eval/`).
     """
 
     def __init__(self, *args, train_stream: ShardStream, eval_stream: ShardStream | None, reduction: str,
-                 stats: DataStats, sample_log: IO[str], **kwargs):
+                 stats: DataStats, sample_log: IO[str], generative_eval: GenerativeEval | None = None, **kwargs):
         super().__init__(*args, train_dataset=train_stream, eval_dataset=eval_stream, **kwargs)
         self.train_stream, self.eval_stream, self.reduction = train_stream, eval_stream, reduction
-        self.stats, self.sample_log = stats, sample_log
+        self.stats, self.sample_log, self.generative_eval = stats, sample_log, generative_eval
         self.model_accepts_loss_kwargs = False  # our loss function takes the normaliser, not the model
 
     def get_train_dataloader(self):
@@ -52,6 +106,16 @@ class VLMTrainer(Trainer):
 
     def get_eval_dataloader(self, eval_dataset=None):
         return make_dataloader(self.eval_stream)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        # The Trainer's `evaluate` logs this output's metrics, so the generative scores join eval_loss in
+        # one record, at every evaluation (eval_steps, eval_on_start, the final one).
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.generative_eval is not None:
+            scores = self.generative_eval.run(self.model, self.processing_class, self.args.device, self.state.global_step)
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in scores.items()})
+        return output
 
     def _get_num_items_in_batch(self, batch_samples, device):
         # The Trainer's hook (transformers 5.24) for the loss normaliser of one optimizer step (and of
