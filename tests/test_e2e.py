@@ -232,9 +232,9 @@ def test_scheduled_retrain_trains_only_when_data_changed(prefect_api, demo):
     decisions = []
     for change in (None, None, "data", "setting"):
         if change == "data":
-            with open(data / "demo.jsonl", "a") as f:
+            with open(data / "text.jsonl", "a") as f:
                 f.write(json.dumps({"id": "new", "conversations": [{"from": "human", "value": "Say red."},
-                                                                   {"from": "gpt", "value": "red."}]}) + "\n")
+                                                                   {"from": "gpt", "value": "red"}]}) + "\n")
         if change == "setting":  # same data, another learning rate: a different run, so it retrains
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 1e-3})})
         run = _trigger(prefect_api, ids["retrain-nightly"], cfg)

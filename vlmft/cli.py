@@ -182,9 +182,9 @@ def _cmd_deploy(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
-    from vlm_core.demo import write_demo_data
+    from vlm_core.demo import SAMPLES, write_demo_data
 
-    meta = write_demo_data(args.folder, n=args.samples, seed=args.seed)
+    meta = write_demo_data(args.folder, n=SAMPLES if args.samples is None else args.samples, seed=args.seed)
     print(f"demo data written; use data.meta={meta}")
     return 0
 
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: model.dtype)")
     p = sub.add_parser("demo-data", help="write the generated demo data set")
     p.add_argument("folder", type=Path)
-    p.add_argument("--samples", type=int, default=240)
+    p.add_argument("--samples", type=int, default=None, help="number of samples (default: vlm_core.demo.SAMPLES)")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("tiny-model", help="write the tiny random InternVL used by tests and the demo")
     p.add_argument("folder", type=Path)
