@@ -187,7 +187,7 @@ def test_demo_data_is_written_only_where_asked_and_never_over_a_meta(tmp_path):
     assert ensure_demo_data(DataConfig(meta=str(tmp_path / "off" / "meta.json"))) is None
     assert not (tmp_path / "off").exists()  # a user's missing data is an error later, never invented
     on = DataConfig(meta=str(tmp_path / "on" / "meta.json"), write_demo_if_missing=True)
-    assert ensure_demo_data(on) == tmp_path / "on" and len(read_meta(on.meta, None)) == 1
+    assert ensure_demo_data(on) == tmp_path / "on" and {d.name for d in read_meta(on.meta, None)} == {"colour", "shape", "same_colour", "text"}
     (tmp_path / "own").mkdir()
     (tmp_path / "own" / "meta.json").write_text("{}")
     assert ensure_demo_data(DataConfig(meta=str(tmp_path / "own" / "meta.json"), write_demo_if_missing=True)) is None

@@ -48,7 +48,7 @@ def test_lineage_records_data_config_model_software_and_run(tmp_path):
     assert lineage["data"]["fingerprint"] == json.loads(manifest_bytes)["fingerprint"] == identity.data
     assert lineage["data"]["manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
     assert (lineage["data"]["train_samples"], lineage["data"]["eval_samples"]) == (12, 4)
-    assert lineage["data"]["meta"] == cfg.data.meta and lineage["data"]["datasets"] == ["shapes"]
+    assert lineage["data"]["meta"] == cfg.data.meta and lineage["data"]["datasets"] == sorted(json.loads(manifest_bytes)["datasets"])
     assert lineage["config"] == cfg.model_dump(mode="json") and lineage["config_hash"] == config_hash(cfg)
     assert lineage["base_model"] == {"path": cfg.model.path, "hash": MODEL_HASH}
     assert lineage["parent"] == {"checkpoint": "/runs/old/checkpoint-40", "identity": None}
