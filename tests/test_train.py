@@ -233,13 +233,17 @@ train(from_json(open(sys.argv[1]).read()))
 
 
 @pytest.mark.integration
-def test_sigterm_to_the_flow_process_kills_the_training_group(tiny_model_dir, shards, tmp_path):
+def test_sigterm_to_the_flow_process_kills_the_training_group(prefect_server, tiny_model_dir, shards, tmp_path):
     """What a Prefect worker does on cancel: SIGTERM the flow process only. No rank may survive."""
+    from prefect.settings import PREFECT_API_URL
+
     out = tmp_path / "cancel"
     cfg = _cfg(tiny_model_dir, shards, out, "train.max_steps=500", "train.save_steps=1000")
     out.mkdir()
     (out / "cfg.json").write_text(to_json(cfg))
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # the API of a running server, as a worker gives its flow processes: without one the flow process would
+    # start a temporary server of its own, which a SIGTERM to the flow process leaves running
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": PREFECT_API_URL.value()}
     flow = subprocess.Popen([sys.executable, "-c", FLOW_SCRIPT, str(out / "cfg.json")], env=env,
                             stdout=open(tmp_path / "flow.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 180
