@@ -3,9 +3,14 @@
     vlmft prepare --config configs/demo.yaml
     python -m vlmft prepare --config configs/demo.yaml
 
-Groups of samples fan out over the flow's task runner (the default thread pool; the same flow runs
-unchanged on prefect-dask's DaskTaskRunner via `prepare_data.with_options(task_runner=...)`), at most
-`data.prepare_workers` at a time. A rerun with unchanged inputs ends after planning. Notes on the
+Groups of samples fan out as tasks, at most `data.prepare_workers` at a time. On the default thread
+task runner each task hands its group to one of `data.prepare_workers` worker processes
+(vlm_core.data.pool; `data.prepare_pool=threads` writes in the task's thread instead): the work is
+mostly Python, which threads do not run in parallel. The pool lives in a `with` block, so a failed
+group, Ctrl-C or Prefect's cancel (raised in the flow's main thread) terminates its workers, and a
+killed flow process takes them with it. On a task runner with processes of its own (prefect-dask's
+DaskTaskRunner via `prepare_data.with_options(task_runner=...)`) each task writes its group where it
+runs. A rerun with unchanged inputs ends after planning. Notes on the
 inputs that are not errors (the manifest's `warnings`) are logged as warnings on every run and
 returned under "warnings".
 
@@ -20,15 +25,19 @@ merely plans.
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from tasks.prepare import begin_task, finalize_task, plan_task, write_group_task
 from vlm_core.config import FinetuneConfig
 from vlm_core.data.manifest import Manifest
+from vlm_core.data.pool import process_pool
 from vlm_core.lock import FolderLock
 from vlm_core.preflight import preflight
 
@@ -74,7 +83,9 @@ def prepare_data(cfg: FinetuneConfig) -> dict:
     for note in plan.warnings:
         log.warning(note)
 
-    with FolderLock(cfg.data.shards, "shard preparation") as lock:  # one writer per shard folder
+    threads = isinstance(FlowRunContext.get().task_runner, ThreadPoolTaskRunner)
+    workers = process_pool(cfg.data, model=cfg.model) if threads else nullcontext()
+    with FolderLock(cfg.data.shards, "shard preparation") as lock, workers as pool:  # one writer per shard folder
         if lock.took_over:
             log.warning(lock.took_over)
         log.info("writing %d samples in %d groups to %s", plan.total_units, len(plan.groups), cfg.data.shards)
@@ -84,7 +95,7 @@ def prepare_data(cfg: FinetuneConfig) -> dict:
         results, pending, running = [], list(plan.groups), []
         while pending or running:  # at most data.prepare_workers groups in flight
             while pending and len(running) < cfg.data.prepare_workers:
-                running.append(write_group_task.submit(pending.pop(0), plan.datasets, cfg))
+                running.append(write_group_task.submit(pending.pop(0), plan.datasets, cfg, pool))
             fut = next(as_completed(running))
             running.remove(fut)
             res = fut.result()

@@ -1,11 +1,14 @@
 """Prefect tasks of the prepare step: thin wrappers over vlm_core.data.shards.
 
 Plans and group results are small (record text, shard names, counts), never images, so they can go
-between tasks on any task runner (threads, Dask).
+between tasks on any task runner (threads, Dask) and to worker processes. A group task given the
+flow's process pool (vlm_core.data.pool) hands its group to a worker process and waits for it;
+without one it writes the group where the task runs.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from functools import lru_cache
 
 from prefect import get_run_logger, task
@@ -16,7 +19,16 @@ from vlm_core.config import FinetuneConfig
 from vlm_core.data.length import make_length_check, model_fingerprint
 from vlm_core.data.manifest import Manifest
 from vlm_core.data.readers import DatasetSpec
-from vlm_core.data.shards import Group, GroupResult, Plan, begin, finalize, plan_shards, write_group
+from vlm_core.data.shards import (
+    Group,
+    GroupResult,
+    Plan,
+    begin,
+    finalize,
+    plan_shards,
+    write_group,
+    write_group_in,
+)
 from vlm_core.demo import ensure_demo_data
 
 
@@ -42,7 +54,10 @@ def begin_task(cfg: FinetuneConfig) -> None:
 
 @task(name="write-shard-group", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_user_error, task_run_name="write-{group.split}-{group.index}")
-def write_group_task(group: Group, datasets: list[DatasetSpec], cfg: FinetuneConfig) -> GroupResult:
+def write_group_task(group: Group, datasets: list[DatasetSpec], cfg: FinetuneConfig,
+                     pool: Executor | None = None) -> GroupResult:
+    if pool is not None:
+        return write_group_in(pool, group, datasets, cfg.data, cfg.model)
     return write_group(group, datasets, cfg.data, _length_check(cfg.model_dump_json()))
 
 

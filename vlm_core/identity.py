@@ -38,6 +38,7 @@ NOT_IN_IDENTITY: dict[str, str] = {
     "data.write_demo_if_missing": "how missing demo data is made; the data fingerprint covers what was read",
     "data.shards": "where the shards are, not what they hold (the data fingerprint)",
     "data.prepare_workers": "shards are byte-identical for any number of workers",
+    "data.prepare_pool": "shards are byte-identical whether processes or threads write them",
     "data.max_reject_fraction": "a pass/fail limit; the samples that pass are in the data fingerprint",
     "model.path": "the base model's content hash stands in for its location",
     "model.build_tiny_if_missing": "how a missing test model is made, not which one is used",

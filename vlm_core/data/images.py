@@ -15,9 +15,9 @@ import os
 import posixpath
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 
 import fsspec
-import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -67,24 +67,37 @@ def join_under_root(root: str, rel: str) -> str:
     return f"{root.rstrip('/')}/{norm}"
 
 
-def _check_local_symlinks(root: str, full: str) -> None:
-    """A local image reached through a symlink must still resolve inside the root."""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(full)
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise ImageReject("path_escapes_root", f"{full} resolves to {real}, outside the dataset root {root}")
+@lru_cache(maxsize=256)
+def _root(root: str) -> tuple[fsspec.AbstractFileSystem, str, str | None]:
+    """(filesystem, path of the root on it, the resolved local root or None), resolved once per root:
+    a data set's images all share it, and resolving it per image costs more than reading a small image."""
+    fs, path = fsspec.core.url_to_fs(root)
+    return fs, path.rstrip("/"), os.path.realpath(path) if isinstance(fs, LocalFileSystem) else None
+
+
+def image_location(root: str, rel: str) -> tuple[str, fsspec.AbstractFileSystem, str]:
+    """(URL for messages, filesystem, path on it) of image `rel` under `root`; checks the path as
+    `join_under_root` does."""
+    full = join_under_root(root, rel)
+    fs, base, _ = _root(root)
+    return full, fs, base + full[len(root.rstrip("/")):]
 
 
 def read_image_bytes(root: str, rel: str) -> bytes:
-    """The raw bytes of `rel` under `root` (a local folder or any fsspec URL)."""
-    full = join_under_root(root, rel)
-    fs, path = fsspec.core.url_to_fs(full)
-    if isinstance(fs, LocalFileSystem):
-        if not os.path.exists(path):
-            raise ImageReject("missing_image", f"{full} does not exist")
-        _check_local_symlinks(fsspec.core.url_to_fs(root)[1], path)
+    """The raw bytes of `rel` under `root` (a local folder or any fsspec URL).
+
+    A local image is opened with plain `open` and must resolve inside the root (a symlink may not lead
+    out of it)."""
+    full, fs, path = image_location(root, rel)
+    real_root = _root(root)[2]
     try:
-        with fs.open(path, "rb") as f:
+        if real_root is None:
+            with fs.open(path, "rb") as f:
+                return f.read()
+        with open(path, "rb") as f:
+            real = os.path.realpath(path)
+            if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
+                raise ImageReject("path_escapes_root", f"{full} resolves to {real}, outside the dataset root {root}")
             return f.read()
     except FileNotFoundError:
         raise ImageReject("missing_image", f"{full} does not exist") from None
@@ -101,6 +114,8 @@ def _flatten(img: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     if img.mode.startswith("I"):  # 16-bit grey: keep the top 8 bits rather than clipping at 255
+        import numpy as np  # here only: worker processes start faster without it
+
         arr = np.asarray(img).astype(np.uint32)
         img = Image.fromarray((arr >> 8 if arr.max() > 255 else arr).astype(np.uint8), "L")
     return img.convert("RGB")
