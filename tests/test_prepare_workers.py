@@ -17,6 +17,7 @@ import pytest
 
 from helpers import data as D
 from vlm_core.config import DataConfig
+from vlm_core.data.pool import process_pool
 from vlm_core.data.sample import ShardSample
 from vlm_core.data.shards import SampleError, _ShardFile, prepare_shards
 
@@ -140,3 +141,14 @@ def test_a_killed_or_interrupted_step_leaves_no_worker(tmp_path, how):
     assert not (out / "manifest.json").exists()
     if how != "SIGKILL the process":
         assert proc.returncode != 0 and stderr.count("KeyboardInterrupt") == 1, stderr[-3000:]  # the parent's only
+
+
+def test_workers_take_the_owner_environment_and_folder(tmp_path, monkeypatch):
+    cfg = DataConfig(meta="unused", shards="unused", prepare_workers=2)
+    with process_pool(cfg) as pool:  # the fork server runs from here on, with the environment of now
+        assert pool.submit(abs, -1).result() == 1
+    monkeypatch.setenv("VLMFT_TEST_MARK", "set after the fork server started")  # e.g. storage credentials
+    monkeypatch.chdir(tmp_path)
+    with process_pool(cfg) as pool:
+        assert pool.submit(os.getenv, "VLMFT_TEST_MARK").result() == "set after the fork server started"
+        assert pool.submit(os.getcwd).result() == str(tmp_path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import signal
 import sys
@@ -48,7 +49,12 @@ def _main_module() -> list[str]:
     return [name] if name and not name.endswith("__main__") else []
 
 
-def _init_worker() -> None:
+def _init_worker(environ: dict[str, str], cwd: str) -> None:
+    # The fork server keeps the environment and folder it started with; a worker takes the pool
+    # owner's current ones (storage credentials and endpoints set since, a changed folder).
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The parent's sentinel becomes readable when the process that asked for us exits, however it
     # ends (the fork server, our OS parent, outlives it while any worker holds its pipe).
@@ -68,7 +74,8 @@ def process_pool(data: DataConfig, workers: int | None = None, model: ModelConfi
     """A pool of `workers` (default data.prepare_workers) processes for `shards.write_group_job`, or None
     when one worker or data.prepare_pool=threads asks for no processes. Leaving the block normally
     waits for the submitted groups; leaving it with an exception (KeyboardInterrupt, Prefect's
-    cancel, a failed group) terminates the workers at once."""
+    cancel, a failed group) terminates the workers at once. The fork server starts on entry, so
+    entering before other work (planning) hides its imports."""
     workers = data.prepare_workers if workers is None else workers
     if workers <= 1 or data.prepare_pool != "processes":
         yield None
@@ -76,7 +83,9 @@ def process_pool(data: DataConfig, workers: int | None = None, model: ModelConfi
     ctx = multiprocessing.get_context(start_method())
     if ctx.get_start_method() == "forkserver":  # no effect once this process's fork server runs
         ctx.set_forkserver_preload(PRELOAD + (PRELOAD_WITH_MODEL if model else []) + _main_module())
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+        multiprocessing.forkserver.ensure_running()  # starts it now: it imports while the caller plans
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(dict(os.environ), os.getcwd()))
     try:
         yield pool
     except BaseException:
