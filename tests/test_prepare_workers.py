@@ -41,10 +41,8 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def _pool_workers() -> list[psutil.Process]:
-    """This process's pool workers: the children of its fork server (itself a child of ours)."""
-    me = psutil.Process()
-    servers = [p for p in me.children() if "multiprocessing.forkserver" in " ".join(p.cmdline())]
-    return [c for s in servers for c in s.children(recursive=True)]
+    """This process's pool workers: its spawned children (the resource tracker is not one)."""
+    return [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
 
 
 def test_processes_write_the_same_bytes_as_one_worker(meta, tmp_path):
@@ -55,6 +53,8 @@ def test_processes_write_the_same_bytes_as_one_worker(meta, tmp_path):
     files = _files(tmp_path / "one")
     assert files == _files(tmp_path / "procs") == _files(tmp_path / "threads")  # shards, manifest, rejected.jsonl
     assert not _pool_workers()  # the pool's workers are gone once the step ends
+    with process_pool(_cfg(meta, tmp_path / "unused", prepare_workers=2)) as pool:
+        assert pool.submit(abs, -1).result() == 1 and len(_pool_workers()) == 2  # what the check above sees
 
 
 def test_records_are_shard_samples_and_tars_are_tarfiles(meta, tmp_path):
@@ -130,7 +130,7 @@ def test_a_killed_or_interrupted_step_leaves_no_worker(tmp_path, how):
     while time.time() < deadline and not list(out.glob("*.tar*")):  # workers are writing
         time.sleep(0.02)
     family = parent.children(recursive=True)
-    assert len(family) >= 3, family  # the fork server and two workers
+    assert sum("spawn_main" in " ".join(p.cmdline()) for p in family) == 2, family  # the two workers
     if how == "SIGKILL the process":
         parent.kill()  # the process only, as an out-of-memory kill or a hard cancel would
     else:
@@ -145,10 +145,10 @@ def test_a_killed_or_interrupted_step_leaves_no_worker(tmp_path, how):
 
 def test_workers_take_the_owner_environment_and_folder(tmp_path, monkeypatch):
     cfg = DataConfig(meta="unused", shards="unused", prepare_workers=2)
-    with process_pool(cfg) as pool:  # the fork server runs from here on, with the environment of now
+    with process_pool(cfg) as pool:  # an earlier pool in the same process
         assert pool.submit(abs, -1).result() == 1
-    monkeypatch.setenv("VLMFT_TEST_MARK", "set after the fork server started")  # e.g. storage credentials
+    monkeypatch.setenv("VLMFT_TEST_MARK", "set after the first pool")  # e.g. storage credentials
     monkeypatch.chdir(tmp_path)
     with process_pool(cfg) as pool:
-        assert pool.submit(os.getenv, "VLMFT_TEST_MARK").result() == "set after the fork server started"
+        assert pool.submit(os.getenv, "VLMFT_TEST_MARK").result() == "set after the first pool"
         assert pool.submit(os.getcwd).result() == str(tmp_path)

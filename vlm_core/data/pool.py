@@ -2,29 +2,30 @@
 
 Checking images and writing tars is mostly Python holding the GIL (tar headers, JSON, image
 headers), so threads barely scale and processes do. The pool is a `ProcessPoolExecutor` (a worker
-that dies fails its group with BrokenProcessPool instead of hanging it) whose processes come from a
-`forkserver`: the flow's process already runs threads (Prefect's event loop and API client), and
-forking a process with running threads can copy a lock mid-use into the child; spawn is safe too,
-but pays a whole interpreter start and the imports per worker, where the fork server pays them
-once (preloaded with the shard writer and, with a model, the length check's tokenizer code) and
-forks each worker from it in milliseconds.
+that dies fails its group with BrokenProcessPool instead of hanging it) of `spawn`ed processes:
+the flow's process already runs threads (Prefect's event loop and API client), and forking a
+process with running threads can copy a lock mid-use into the child. `forkserver` was tried: it
+pays the imports once instead of per worker, but its server outlives the pool (exiting only seconds
+after the process that started it, longer with torch imported) and keeps the environment and folder
+it started with. Spawned workers start on entry and import the shard writer (and, with a model,
+the length check) while the caller plans; about 0.5 s without a model (benchmarks/README.md).
+Like any spawned process, a worker runs the main module again: a script's imports count, a
+`python -m` module's too (`prefect.engine` in a Prefect flow-run process).
 
 No orphans: workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group; the parent
 alone handles it, then stops them), `stop` terminates and reaps them when the parent's block fails
 or is interrupted (Prefect's cancel raises in the flow's main thread), and each worker exits as soon
-as the process that started it is gone, however it ended (SIGKILL included): a thread waits on
-`multiprocessing.parent_process().sentinel`. The fork server cannot do that for them: it lives on
-while any worker holds its pipe, and exits once the last one is gone.
+as its parent is gone, however it ended (SIGKILL included): a thread waits on
+`multiprocessing.parent_process().sentinel`.
 """
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.forkserver
 import os
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -36,29 +37,15 @@ PRELOAD = ["vlm_core.data.shards"]
 PRELOAD_WITH_MODEL = ["vlm_core.data.length", "vlm_core.model.load"]
 
 
-def start_method() -> str:
-    """forkserver where the platform has it (Linux, macOS), else spawn (Windows)."""
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+def _preload(names: list[str]) -> None:
+    """The first job of each worker: import what the groups need before the first group arrives."""
+    for name in names:
+        importlib.import_module(name)
 
 
-def _main_module() -> list[str]:
-    """The main module when it was run by name (`python -m prefect.engine`, Prefect's flow-run process):
-    every worker runs it again, as multiprocessing does outside fork, and preloaded it costs nothing
-    there. A main script run by path is run again in each worker with its imports."""
-    name = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
-    return [name] if name and not name.endswith("__main__") else []
-
-
-def _init_worker(environ: dict[str, str], cwd: str) -> None:
-    # The fork server keeps the environment and folder it started with; a worker takes the pool
-    # owner's current ones (storage credentials and endpoints set since, a changed folder).
-    os.environ.clear()
-    os.environ.update(environ)
-    os.chdir(cwd)
+def _init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The parent's sentinel becomes readable when the process that asked for us exits, however it
-    # ends (the fork server, our OS parent, outlives it while any worker holds its pipe).
-    parent = multiprocessing.parent_process()
+    parent = multiprocessing.parent_process()  # its sentinel becomes readable when the parent exits
     if parent is not None:
         threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True, name="exit-with-parent").start()
 
@@ -72,26 +59,22 @@ def _exit_with(sentinel: int) -> None:
 def process_pool(data: DataConfig, workers: int | None = None, model: ModelConfig | None = None
                  ) -> Iterator[ProcessPoolExecutor | None]:
     """A pool of `workers` (default data.prepare_workers) processes for `shards.write_group_job`, or None
-    when one worker or data.prepare_pool=threads asks for no processes. Leaving the block normally
-    waits for the submitted groups; leaving it with an exception (KeyboardInterrupt, Prefect's
-    cancel, a failed group) terminates the workers at once. The fork server starts on entry, so
-    entering before other work (planning) hides its imports."""
+    when one worker or data.prepare_pool=threads asks for no processes. The workers start on entry,
+    so entering before other work (planning) hides their imports. Leaving the block, normally or by
+    an exception (KeyboardInterrupt, Prefect's cancel, a failed group), terminates them at once:
+    wait for the groups' results inside it."""
     workers = data.prepare_workers if workers is None else workers
     if workers <= 1 or data.prepare_pool != "processes":
         yield None
         return
-    ctx = multiprocessing.get_context(start_method())
-    if ctx.get_start_method() == "forkserver":  # no effect once this process's fork server runs
-        ctx.set_forkserver_preload(PRELOAD + (PRELOAD_WITH_MODEL if model else []) + _main_module())
-        multiprocessing.forkserver.ensure_running()  # starts it now: it imports while the caller plans
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(dict(os.environ), os.getcwd()))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker)
+    for _ in range(workers):  # starts every worker now, importing while the caller plans
+        pool.submit(_preload, PRELOAD + (PRELOAD_WITH_MODEL if model else []))
     try:
         yield pool
-    except BaseException:
+    finally:
         stop(pool)
-        raise
-    pool.shutdown(wait=True)
 
 
 def stop(pool: ProcessPoolExecutor) -> None:
