@@ -21,6 +21,7 @@ as its parent is gone, however it ended (SIGKILL included): a thread waits on
 
 from __future__ import annotations
 
+import gc
 import importlib
 import multiprocessing
 import multiprocessing.connection
@@ -30,6 +31,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from multiprocessing import resource_tracker
 
 from vlm_core.config import DataConfig, ModelConfig
 
@@ -75,6 +77,8 @@ def process_pool(data: DataConfig, workers: int | None = None, model: ModelConfi
         yield pool
     finally:
         stop(pool)
+        del pool
+        _stop_resource_tracker()
 
 
 def stop(pool: ProcessPoolExecutor) -> None:
@@ -90,3 +94,12 @@ def stop(pool: ProcessPoolExecutor) -> None:
         if p.is_alive():
             p.kill()
             p.join()
+    pool.shutdown(wait=True)  # the workers are gone: this only joins the executor's own thread
+
+
+def _stop_resource_tracker() -> None:
+    """Stop the helper process multiprocessing starts for the pool's named semaphores, once they are
+    freed (it restarts on demand). Left running, it exits only after this process does, and where
+    nothing reaps orphans (a container whose first process is not an init) it stays a zombie."""
+    gc.collect()  # frees the pool's queues: their semaphores unregister while the tracker runs
+    resource_tracker._resource_tracker._stop()
