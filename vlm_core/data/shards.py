@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import queue
+import stat
 import tarfile
 import tempfile
 import threading
@@ -139,13 +140,25 @@ def _sha(text: str) -> str:
 
 
 def _image_stamps(spec: DatasetSpec, paths: set[str]) -> dict[str, str]:
-    """A cheap content stamp per referenced image: size + ETag/mtime from one listing of the root."""
+    """A cheap content stamp per referenced image: size + ETag/mtime. A local image is stat'ed (the
+    root may hold far more files than the annotation uses); a remote root is listed once."""
     fs, root = fsspec.core.url_to_fs(spec.root)
+    stamps = {}
+    if isinstance(fs, LocalFileSystem):
+        for rel in sorted(paths):
+            try:
+                st = os.stat(image_location(spec.root, rel)[2])
+            except ImageReject:
+                stamps[rel] = "escape"
+                continue
+            except OSError:
+                st = None
+            stamps[rel] = f"{st.st_size}:{st.st_mtime}" if st and stat.S_ISREG(st.st_mode) else "missing"
+        return stamps
     try:
         listing = fs.find(root, detail=True) if fs.isdir(root) else {}
     except FileNotFoundError:
         listing = {}
-    stamps = {}
     for rel in sorted(paths):
         try:
             full = image_location(spec.root, rel)[2]
