@@ -9,7 +9,7 @@ the image (size, mode, orientation, end markers), fingerprints the inputs, hashe
 writes rejected.jsonl and the manifest; with 2 processes it also starts its worker pool.
 
 Every measurement runs in a fresh process (`--one`), timed from the call to the end, so a process
-pool pays its fork server and worker start-up each time, as a real run does; imports before the
+pool pays its workers' start-up each time, as a real run does; imports before the
 timed call are not counted for either side. Variants run interleaved, N rounds, best of N per
 variant (the machine's 2 cores are shared). Peak RSS is measured at 1k and 10k samples.
 """
@@ -109,8 +109,8 @@ def ours(meta: Path, out: Path, workers: int, pool: str, per_shard: int, check: 
 
 
 def pool_startup() -> float:
-    """Seconds to start a 2-process pool (fork server with its imports, two workers), run a trivial job
-    on each and stop it: what the 2-process rows pay before any sample."""
+    """Seconds to start a 2-process pool (two spawned workers importing the shard writer), run a trivial
+    job and stop it: what the 2-process rows pay before any sample."""
     from vlm_core.config import DataConfig
     from vlm_core.data.pool import process_pool
 
@@ -197,8 +197,8 @@ def main() -> None:
         base = best[0 if check == "decode" else 4]
         med = sorted(times[i])[len(times[i]) // 2]
         lines.append(f"| {label} | {best[i]:.2f} | {med:.2f} | {args.samples / best[i]:.0f} | {base / best[i]:.2f}x |")
-    lines += ["", f"Starting and stopping a 2-process pool (fork server and its imports, two workers, one trivial "
-              f"job each) takes {min(startup):.2f} s (best of {args.repeats}; median "
+    lines += ["", f"Starting and stopping a 2-process pool (two spawned workers importing the shard writer, "
+              f"a trivial job) takes {min(startup):.2f} s (best of {args.repeats}; median "
               f"{sorted(startup)[len(startup) // 2]:.2f} s), paid by every 2-process row above.",
               "", f"Peak RSS of a whole prepare run: {rss[1000]} MB at 1,000 samples, {rss[10000]} MB at 10,000 samples.",
               "", "Reproduce: `.venv/bin/python benchmarks/prepare_bench.py --write-readme`", ""]

@@ -89,9 +89,9 @@ class DataConfig(_Section):
         "time; shards are byte-identical for any number.",
     )
     prepare_pool: Literal["processes", "threads"] = Field(
-        "processes", description="What the prepare_workers are when there are several: processes (they scale: the work "
-        "is mostly Python; about 0.1 s to start, plus loading the tokenizer when lengths are checked) or threads "
-        "(no start-up, but about 1.4x at best with image_check=decode and slower with verify).",
+        "processes", description="What the prepare_workers are when there are several: processes (the work is mostly "
+        "Python; about 0.3 s to start, more when lengths are checked: each loads the tokenizer) or threads (no "
+        "start-up; they speed up image_check=decode, where PIL releases the GIL, but not verify).",
     )
     samples_per_shard: int = Field(1000, ge=1, description="Maximum samples in one WebDataset tar shard.")
     max_shard_bytes: int = Field(
