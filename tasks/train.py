@@ -6,6 +6,8 @@ complete checkpoints go up while training runs; a retried or restarted run resum
 complete checkpoint (local, else fetched from storage) and never starts from zero. A failure that
 would repeat (a config or data error, a locked or foreign folder, an exception a rank raised) is not
 retried (tasks.errors); a rank's exception is reported as the first failing rank's own error line.
+With train.launcher=slurm the ranks run as a Slurm batch job (vlm_core.slurm) that this task submits,
+follows (its output streams into the log as a local launcher's would) and cancels on cancel.
 
 What the run is doing is in the log all along: each start-up phase the ranks report (setting up
 the ranks, loading the model ...), a progress line every `logging.progress_seconds` while training
@@ -23,7 +25,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.errors import TrainingFailed, retry_unless_user_error
+from tasks.errors import JobCancelled, JobInterrupted, TrainingFailed, retry_unless_user_error
 from tasks.process import ProcessFailed, run_group
 from tasks.storage import load_storage_credentials
 from vlm_core.checkpoints import CheckpointUploader, fetch_latest_checkpoint, upload_new_checkpoints
@@ -42,6 +45,7 @@ from vlm_core.lock import FolderLock
 from vlm_core.progress import ProgressEvent, parse, parse_error
 from vlm_core.report import significant
 from vlm_core.safe_load import check_checkpoint_files
+from vlm_core.slurm import run_job
 
 QUIET_SECONDS = 5.0  # a "still ..." line when the log has been quiet this long (at least)
 
@@ -128,6 +132,32 @@ def training_failed(failures: list[tuple[int, str]], log_file: Path) -> Training
     return TrainingFailed(f"training failed: rank {rank} raised {what}{also}; the full traceback is in {log_file}")
 
 
+def run_slurm_job(cfg: FinetuneConfig, run_json: Path, on_line: Callable[[str], None], narrator: Narrator) -> None:
+    """train.launcher=slurm: submit the batch job, stream its output into train.log and `on_line` until it
+    ends, and turn how it ended into the task's outcome: COMPLETED returns; FAILED raises ProcessFailed
+    (the caller names a failing rank's exception from it); a preempted, timed-out or node-failed job raises
+    JobInterrupted (retried: resumes from the newest complete checkpoint); a job cancelled outside this
+    flow raises JobCancelled (not retried). A cancel of the flow cancels the job (vlm_core.slurm.follow)."""
+    log_file = Path(cfg.train.output_dir) / "train.log"
+    tail: deque[str] = deque(maxlen=40)
+    narrator.now_doing("waiting for the Slurm job to start and its ranks to report")
+    with open(log_file, "a", buffering=1) as log:
+        def tee(line: str) -> None:
+            log.write(line + "\n")
+            tail.append(line)
+            on_line(line)
+
+        job_id, state, output = run_job(cfg, run_json, thread_env(cfg), tee, lambda msg: narrator.say("%s", msg))
+    if state.outcome == "completed":
+        return
+    ended = f"Slurm job {job_id} ended {state.describe()}; its output is in {output} (and {log_file})"
+    if state.outcome == "failed":
+        raise ProcessFailed(f"{ended}; its last lines:\n" + "\n".join(tail))
+    if state.outcome == "interrupted":
+        raise JobInterrupted(f"{ended}: a retry resumes from the newest complete checkpoint")
+    raise JobCancelled(f"{ended}: cancelled outside this flow, so not retried")
+
+
 @task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def train_task(cfg: FinetuneConfig) -> dict:
     """Train the run `cfg` describes (train.output_dir already resolved by the flow, see with_run_dir).
@@ -164,7 +194,7 @@ def _train(cfg: FinetuneConfig, lock: FolderLock) -> dict:
             log.info("resuming from %s", resume)
     run_json = out / "run.json"
     run_json.write_text(to_json(cfg))
-    cmd = command(cfg, run_json)
+    cmd = command(cfg, run_json) if cfg.train.launcher != "slurm" else []
     progress_id = create_progress_artifact(0.0, key="training-progress", description="Optimizer steps done")
     # the "still ..." lines never come between two progress lines of a steady run
     narrator = Narrator(log, quiet_s=max(QUIET_SECONDS, cfg.logging.progress_seconds + 2))
@@ -193,10 +223,13 @@ def _train(cfg: FinetuneConfig, lock: FolderLock) -> dict:
         uploader = CheckpointUploader(out, cfg.storage.url, run_id).start()
     with narrator.running():
         try:
-            narrator.say("launching: %s", " ".join(cmd))
-            run_group(cmd, {**os.environ, **thread_env(cfg)}, out / "train.log", on_line=on_line, on_start=on_start)
+            if cfg.train.launcher == "slurm":
+                run_slurm_job(cfg, run_json, on_line, narrator)
+            else:
+                narrator.say("launching: %s", " ".join(cmd))
+                run_group(cmd, {**os.environ, **thread_env(cfg)}, out / "train.log", on_line=on_line, on_start=on_start)
         except ProcessFailed as exc:
-            if not failures:
+            if not failures or isinstance(exc, (JobInterrupted, JobCancelled)):
                 raise  # no rank raised (killed, out of memory): the message ends with the log's last lines
             raise training_failed(failures, out / "train.log") from exc
         finally:

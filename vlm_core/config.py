@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 LLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VISION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2"]
+
+
+# a Slurm time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit
+SLURM_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE", re.IGNORECASE)
+# sbatch options the slurm launcher sets itself, with the config key that decides them
+SLURM_MANAGED = {
+    "--nodes": "train.nnodes", "-N": "train.nnodes", "--ntasks-per-node": "train.nproc_per_node",
+    "--ntasks": "train.nnodes x train.nproc_per_node", "-n": "train.nnodes x train.nproc_per_node",
+    "--output": "the run folder (train.output_dir)", "-o": "the run folder (train.output_dir)",
+    "--error": "the run folder (train.output_dir)", "-e": "the run folder (train.output_dir)",
+    "--chdir": "the flow's working directory", "-D": "the flow's working directory",
+    "--partition": "train.slurm.partition", "-p": "train.slurm.partition", "--time": "train.slurm.time",
+    "-t": "train.slurm.time", "--account": "train.slurm.account", "-A": "train.slurm.account",
+    "--gpus-per-node": "train.slurm.gpus_per_node", "--cpus-per-task": "train.slurm.cpus_per_task",
+    "-c": "train.slurm.cpus_per_task",
+}
 
 
 class ConfigError(ValueError):
@@ -222,6 +239,68 @@ class LoraConfig(_Section):
         return self
 
 
+class SlurmConfig(_Section):
+    """The Slurm batch job that runs training when train.launcher=slurm (vlm_core.slurm)."""
+
+    partition: str | None = Field(None, description="Slurm partition (sbatch --partition); null: the cluster's default.")
+    time: str | None = Field(
+        None,
+        description="Time limit of the job (sbatch --time): minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS; "
+        "null: the partition's default. A job that reaches it is retried and resumes from the newest checkpoint.",
+    )
+    account: str | None = Field(None, description="Account to charge (sbatch --account); null: the user's default.")
+    gpus_per_node: int | None = Field(
+        None, ge=1, description="GPUs per node (sbatch --gpus-per-node), shared by the node's "
+        "train.nproc_per_node ranks (each uses the GPU of its local rank); null: a CPU-only job.",
+    )
+    cpus_per_task: int | None = Field(
+        None, ge=1, description="CPU cores per rank (sbatch --cpus-per-task, also OMP_NUM_THREADS); null: Slurm's "
+        "default (one core per rank).",
+    )
+    extra_sbatch: list[str] = Field(
+        default_factory=list,
+        description="More #SBATCH options, one per item (e.g. '--qos=high', '--constraint=a100', '--exclusive'); "
+        "nodes, tasks, output and chdir are set from the config and may not be repeated here.",
+    )
+
+    @field_validator("partition", "account")
+    @classmethod
+    def _word(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c.isspace() for c in value)):
+            raise ValueError("must be one word without spaces (or null for the cluster's default)")
+        return value
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time_quoted(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"got the number {value}; write the time limit as a string in quotes, e.g. '90' "
+                             "(minutes) or '01:30:00' (YAML reads an unquoted 1:30:00 as the number 5400)")
+        return value
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, value: str | None) -> str | None:
+        if value is not None and not SLURM_TIME.fullmatch(value):
+            raise ValueError("is not a Slurm time limit; write minutes (90), HH:MM:SS (01:30:00) or D-HH:MM:SS "
+                             "(2-00:00:00)")
+        return value
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _extra(cls, value: list[str]) -> list[str]:
+        lines = []
+        for item in value:
+            line = item.strip().removeprefix("#SBATCH").strip()
+            if not line.startswith("-") or "\n" in line:
+                raise ValueError(f"{item!r} is not one sbatch option; write e.g. '--qos=high'")
+            option = line.split("=")[0].split()[0]
+            if option in SLURM_MANAGED:
+                raise ValueError(f"{item!r}: {option} is set from {SLURM_MANAGED[option]}; set that instead")
+            lines.append(line)
+        return lines
+
+
 class TrainConfig(_Section):
     """Optimisation, checkpointing and the distributed launch."""
 
@@ -270,14 +349,16 @@ class TrainConfig(_Section):
         "data and base model; local or in storage), 'none' starts fresh, anything else is a checkpoint folder "
         "to continue on purpose, even with other settings (recorded as the run's parent).",
     )
-    launcher: Literal["torchrun", "deepspeed", "python"] = Field(
-        "torchrun", description="How training processes are started."
+    launcher: Literal["torchrun", "deepspeed", "python", "slurm"] = Field(
+        "torchrun", description="How training processes are started: torchrun, the deepspeed launcher or plain python "
+        "on this machine, or slurm: a batch job of train.nnodes nodes x train.nproc_per_node ranks (train.slurm).",
     )
     nproc_per_node: int = Field(1, ge=1, description="Training processes per node.")
     nnodes: int = Field(1, ge=1, description="Number of nodes.")
     node_rank: int = Field(0, ge=0, description="This node's rank (multi-node launches).")
     master_addr: str = Field("127.0.0.1", description="Address of the rank-0 node.")
     master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on the rank-0 node.")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="The Slurm job (train.launcher=slurm).")
 
     @field_validator("output_dir")
     @classmethod

@@ -3,7 +3,8 @@
 `python -m vlm_core.train --config run.json` is the one entry point; this module wraps it in the
 launcher the config asks for: plain python (one process), torchrun (N processes per node, one or
 several nodes with a static rendezvous at master_addr:master_port), or the deepspeed launcher
-(N processes, or several nodes from a hostfile). Everything that can be checked without starting
+(N processes, or several nodes from a hostfile); train.launcher=slurm submits a batch job instead
+(vlm_core.slurm). Everything that can be checked without starting
 processes is checked in `check_run`, so a bad config fails in a second, not after model loading;
 `check_launch` is the part that needs no shards yet (run before the prepare step of a whole run).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from vlm_core.config import ConfigError, FinetuneConfig
+from vlm_core.slurm import check_slurm
 
 DS_CONFIG_DIR = Path(__file__).with_name("ds_configs")
 
@@ -58,13 +60,18 @@ def check_launch(cfg: FinetuneConfig) -> None:
 
     t = cfg.train
     gradient_accumulation(cfg)
-    if t.deepspeed == "zero3_offload" and not torch.cuda.is_available():
+    if t.launcher == "slurm":
+        check_slurm(cfg)
+    # a Slurm job trains on the GPUs it asks for, not on this (login) machine's
+    gpus = bool(t.slurm.gpus_per_node) if t.launcher == "slurm" else torch.cuda.is_available()
+    on_cpu = "in a CPU-only Slurm job (no train.slurm.gpus_per_node)" if t.launcher == "slurm" else "on a CPU-only machine"
+    if t.deepspeed == "zero3_offload" and not gpus:
         raise ConfigError(
-            "train.deepspeed=zero3_offload offloads GPU memory to the CPU and needs CUDA GPUs; on a CPU-only "
-            "machine use train.deepspeed=zero3 (or zero2)"
+            f"train.deepspeed=zero3_offload offloads GPU memory to the CPU and needs CUDA GPUs; {on_cpu} "
+            "use train.deepspeed=zero3 (or zero2)"
         )
-    if t.bf16 and not torch.cuda.is_available() and t.deepspeed != "none":
-        raise ConfigError("train.bf16=true with DeepSpeed needs a GPU; on CPU set train.bf16=false")
+    if t.bf16 and not gpus and t.deepspeed != "none":
+        raise ConfigError(f"train.bf16=true with DeepSpeed needs a GPU; {on_cpu} set train.bf16=false")
     if t.launcher == "deepspeed" and t.nnodes > 1:
         raise ConfigError("several nodes: use train.launcher=torchrun (static rendezvous at train.master_addr:port)")
     if t.launcher == "python" and world_size(cfg) > 1:
