@@ -117,7 +117,16 @@ class SlurmCluster:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """Stop the daemons by PID, slurmd first (it ends its job steps), munged last."""
+        """Cancel every job still there (a failed test's), wait until they have ended, then stop the daemons by
+        PID: slurmd first, munged last."""
+        if "slurmctld" in self.procs:
+            subprocess.run(["scancel", "--full", "--partition=debug"], env=self.env, capture_output=True)
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                res = subprocess.run(["squeue", "-h"], env=self.env, capture_output=True, text=True)
+                if res.returncode != 0 or not res.stdout.strip():
+                    break
+                time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
             if proc is None:
