@@ -160,6 +160,8 @@ def test_check_launch_judges_gpus_by_the_job_not_the_login_node(tiny_model_dir, 
     with pytest.raises(ConfigError, match=r"needs a GPU; in a CPU-only Slurm job \(no train.slurm.gpus_per_node\)"):
         check_launch(_slurm_cfg(*base))
     check_launch(_slurm_cfg(*base, "train.slurm.gpus_per_node=8"))  # this CPU-only machine only submits
+    with pytest.raises(ConfigError, match="train.output_dir .* has a space in its path"):
+        check_launch(_slurm_cfg(*base, "train.slurm.gpus_per_node=8", f"train.output_dir='{tmp_path}/my runs'"))
     with pytest.raises(ConfigError, match="train.node_rank is set by Slurm"):
         check_launch(_slurm_cfg(*base, "train.slurm.gpus_per_node=8", "train.nnodes=2", "train.node_rank=1"))
 
@@ -214,6 +216,17 @@ def _ranks_of(out: Path) -> list[psutil.Process]:
 
 def _job_ids(out: Path) -> list[str]:
     return sorted(p.name.removeprefix("slurm-").removesuffix(".out") for p in out.glob("slurm-*.out"))
+
+
+@pytest.mark.integration
+def test_a_job_slurm_refuses_is_a_config_error_naming_the_slurm_keys(cluster, tmp_path):
+    from vlm_core.slurm import run_job
+
+    cfg = _slurm_cfg(f"train.output_dir={tmp_path}", "train.slurm.partition=nosuchpartition")
+    with pytest.raises(ConfigError, match=r"Slurm refused the training job \(.*invalid partition.*\); check "
+                                          r"train.slurm.partition, account, time"):
+        run_job(cfg, tmp_path / "run.json", thread_env(cfg), print, print)
+    assert (tmp_path / "slurm_job.sh").is_file() and not list(tmp_path.glob("slurm-*.out"))
 
 
 @pytest.mark.integration

@@ -99,6 +99,10 @@ def check_slurm(cfg: FinetuneConfig) -> None:
             f"(a cluster login node); not found: {', '.join(missing)}. Run the Prefect worker on a login node, "
             "or use train.launcher=torchrun"
         )
+    for key, folder in (("train.output_dir", Path(cfg.train.output_dir).resolve()), ("the working directory", Path.cwd())):
+        if any(c.isspace() for c in str(folder)):
+            raise ConfigError(f"{key} ({folder}) has a space in its path, which #SBATCH lines cannot carry; "
+                              "use a folder without spaces")
     if cfg.train.node_rank != 0:
         raise ConfigError("train.node_rank is set by Slurm for each node of the job; leave it at 0 with "
                           "train.launcher=slurm")
@@ -149,11 +153,19 @@ def _run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out", "Connection refused", "connect failure")
+
+
 def submit(script: Path) -> str:
-    """`sbatch --parsable script` → the job id."""
+    """`sbatch --parsable script` → the job id. A job Slurm refuses (no such partition or account, a time
+    limit over the partition's ...) is a ConfigError; a controller out of reach is a SlurmError (retried)."""
     res = _run(["sbatch", "--parsable", str(script)])
     if res.returncode != 0:
-        raise SlurmError(f"sbatch {script} failed: {(res.stderr or res.stdout).strip()}")
+        why = " ".join((res.stderr or res.stdout).split())
+        if "submission failed" in why and not any(u in why for u in UNREACHABLE):
+            raise ConfigError(f"Slurm refused the training job ({why}); check train.slurm.partition, account, time, "
+                              f"gpus_per_node, cpus_per_task and extra_sbatch (the script is {script})")
+        raise SlurmError(f"sbatch {script} failed: {why}")
     return res.stdout.strip().split(";")[0]  # "id" or "id;cluster"
 
 
