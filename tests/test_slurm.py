@@ -75,6 +75,8 @@ def test_batch_script_defaults_leave_resources_to_the_cluster_and_run_on_cpu():
     assert lines == ["--job-name=vlmft-s", "--nodes=1", "--ntasks-per-node=2", "--output=/shared/runs/s/slurm-%j.out",
                      "--open-mode=append", "--chdir=/w"]
     assert "export DS_ACCELERATOR=cpu\n" in batch_script(cfg, Path("run.json"), thread_env(cfg))
+    gres = _slurm_cfg("train.slurm.extra_sbatch=['--gres=gpu:4']")  # GPUs the older way: no CPU accelerator
+    assert "DS_ACCELERATOR" not in batch_script(gres, Path("run.json"), thread_env(gres))
 
 
 @pytest.mark.parametrize(("state", "expected"), [
@@ -160,6 +162,7 @@ def test_check_launch_judges_gpus_by_the_job_not_the_login_node(tiny_model_dir, 
     with pytest.raises(ConfigError, match=r"needs a GPU; in a CPU-only Slurm job \(no train.slurm.gpus_per_node\)"):
         check_launch(_slurm_cfg(*base))
     check_launch(_slurm_cfg(*base, "train.slurm.gpus_per_node=8"))  # this CPU-only machine only submits
+    check_launch(_slurm_cfg(*base, "train.slurm.extra_sbatch=['--gres=gpu:4']"))
     with pytest.raises(ConfigError, match="train.output_dir .* has a space in its path"):
         check_launch(_slurm_cfg(*base, "train.slurm.gpus_per_node=8", f"train.output_dir='{tmp_path}/my runs'"))
     with pytest.raises(ConfigError, match="train.node_rank is set by Slurm"):
@@ -227,6 +230,21 @@ def test_a_job_slurm_refuses_is_a_config_error_naming_the_slurm_keys(cluster, tm
                                           r"train.slurm.partition, account, time"):
         run_job(cfg, tmp_path / "run.json", thread_env(cfg), print, print)
     assert (tmp_path / "slurm_job.sh").is_file() and not list(tmp_path.glob("slurm-*.out"))
+
+
+@pytest.mark.integration
+def test_a_job_left_running_by_a_killed_worker_is_cancelled_before_a_new_one(cluster, tmp_path):
+    from vlm_core.slurm import JOB_ID_FILE, cancel_leftover, submit
+
+    script = tmp_path / "sleep.sh"
+    script.write_text(f"#!/bin/bash\n#SBATCH --output={tmp_path}/slurm-%j.out\nsrun sleep 300\n")
+    old = submit(script)
+    (tmp_path / JOB_ID_FILE).write_text(old)
+    deadline = time.time() + 30
+    while job_state(old).state != "RUNNING" and time.time() < deadline:
+        time.sleep(0.2)
+    assert cancel_leftover(tmp_path) == old and job_state(old).state == "CANCELLED"
+    assert cancel_leftover(tmp_path) is None  # an ended job is left alone
 
 
 @pytest.mark.integration

@@ -251,7 +251,8 @@ class SlurmConfig(_Section):
     account: str | None = Field(None, description="Account to charge (sbatch --account); null: the user's default.")
     gpus_per_node: int | None = Field(
         None, ge=1, description="GPUs per node (sbatch --gpus-per-node), shared by the node's "
-        "train.nproc_per_node ranks (each uses the GPU of its local rank); null: a CPU-only job.",
+        "train.nproc_per_node ranks (each uses the GPU of its local rank); null: none (a CPU-only job, unless "
+        "train.slurm.extra_sbatch asks for GPUs with --gres=gpu:N or --gpus...).",
     )
     cpus_per_task: int | None = Field(
         None, ge=1, description="CPU cores per rank (sbatch --cpus-per-task, also OMP_NUM_THREADS); null: Slurm's "

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from vlm_core.config import ConfigError, FinetuneConfig
-from vlm_core.slurm import check_slurm
+from vlm_core.slurm import asks_for_gpus, check_slurm
 
 DS_CONFIG_DIR = Path(__file__).with_name("ds_configs")
 
@@ -63,7 +63,7 @@ def check_launch(cfg: FinetuneConfig) -> None:
     if t.launcher == "slurm":
         check_slurm(cfg)
     # a Slurm job trains on the GPUs it asks for, not on this (login) machine's
-    gpus = bool(t.slurm.gpus_per_node) if t.launcher == "slurm" else torch.cuda.is_available()
+    gpus = asks_for_gpus(cfg) if t.launcher == "slurm" else torch.cuda.is_available()
     on_cpu = "in a CPU-only Slurm job (no train.slurm.gpus_per_node)" if t.launcher == "slurm" else "on a CPU-only machine"
     if t.deepspeed == "zero3_offload" and not gpus:
         raise ConfigError(

@@ -90,6 +90,13 @@ def outcome(state: str) -> Outcome:
     return FINAL_STATES.get(state.split()[0].rstrip("+") if state.strip() else "", "running")
 
 
+def asks_for_gpus(cfg: FinetuneConfig) -> bool:
+    """Whether the job gets GPUs: train.slurm.gpus_per_node, or a GPU option among train.slurm.extra_sbatch."""
+    s = cfg.train.slurm
+    return s.gpus_per_node is not None or any(
+        line.startswith(("--gres=gpu", "--gpus", "-G")) for line in s.extra_sbatch)
+
+
 def check_slurm(cfg: FinetuneConfig) -> None:
     """The Slurm commands the login node needs are on PATH, and the settings the job cannot honour are not set."""
     missing = [c for c in COMMANDS if shutil.which(c) is None]
@@ -113,7 +120,7 @@ def batch_script(cfg: FinetuneConfig, config_path: Path, env: dict[str, str], py
     """The sbatch script: the resources as #SBATCH lines, then one srun task per rank running vlm_core.train.
 
     `env` (vlm_core.launch.thread_env) is exported, except OMP_NUM_THREADS, which follows the CPUs
-    Slurm gives each task, and DS_ACCELERATOR, which follows train.slurm.gpus_per_node.
+    Slurm gives each task, and DS_ACCELERATOR, which is cpu exactly when the job asks for no GPUs.
     """
     t, s = cfg.train, cfg.train.slurm
     out = Path(t.output_dir).resolve()
@@ -126,7 +133,7 @@ def batch_script(cfg: FinetuneConfig, config_path: Path, env: dict[str, str], py
     options += [f"--output={out}/slurm-%j.out", "--open-mode=append", f"--chdir={(workdir or Path.cwd()).resolve()}"]
     options += s.extra_sbatch
     exports = {k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "DS_ACCELERATOR")}
-    if s.gpus_per_node is None:
+    if not asks_for_gpus(cfg):
         exports["DS_ACCELERATOR"] = "cpu"
     exports |= {"WORLD_SIZE": str(t.nnodes * t.nproc_per_node), "LOCAL_WORLD_SIZE": str(t.nproc_per_node),
                 "MASTER_PORT": str(t.master_port)}
