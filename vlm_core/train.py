@@ -102,7 +102,6 @@ def build_trainer(cfg, targs, model, tokenizer, resume: Path | None, identity: s
     from vlm_core.data.manifest import read_manifest
     from vlm_core.data.preprocess import make_preprocessor
     from vlm_core.infer import questions_from_shards
-    from vlm_core.model.loss import vlm_loss
     from vlm_core.trainer import (
         CheckpointCompleteCallback,
         GenerativeEval,
@@ -112,10 +111,14 @@ def build_trainer(cfg, targs, model, tokenizer, resume: Path | None, identity: s
     )
 
     preprocess = make_preprocessor(tokenizer, cfg.data, model.config)
-    collate = Collator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
+    collate = Collator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)  # evaluation: unpacked, comparable
+    t = cfg.train
+    pack = (t.pack_max_tokens, t.pack_max_tiles) if t.packing else None
+    train_collate = Collator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of, *(pack or (None, None)))
     stream_kw = dict(batch_size=cfg.train.per_device_batch_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers)
-    train_stream = ShardStream.from_folder(cfg.data.shards, preprocess, collate, "train", shuffle_buffer=cfg.data.shuffle_buffer,
-                                           shuffle_shards=cfg.data.shuffle_shards, **stream_kw)
+    train_stream = ShardStream.from_folder(cfg.data.shards, preprocess, train_collate, "train",
+                                           shuffle_buffer=cfg.data.shuffle_buffer, shuffle_shards=cfg.data.shuffle_shards,
+                                           pack=pack, **stream_kw)
     eval_stream, generative_eval = None, None
     if read_manifest(cfg.data.shards).eval.samples:
         eval_stream = ShardStream.from_folder(cfg.data.shards, preprocess, collate, "eval", shuffle_buffer=0,
@@ -138,8 +141,6 @@ def build_trainer(cfg, targs, model, tokenizer, resume: Path | None, identity: s
     trainer = VLMTrainer(
         model=model, args=targs, processing_class=tokenizer, train_stream=train_stream, eval_stream=eval_stream,
         reduction=reduction, stats=stats, sample_log=sample_log, generative_eval=generative_eval,
-        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: vlm_loss(
-            outputs.logits, labels, reduction, normalizer=num_items_in_batch),
         callbacks=[CheckpointCompleteCallback(identity), ProgressCallback(sample_log, resume, cfg.logging.progress_seconds)],
     )
     tensorboard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
