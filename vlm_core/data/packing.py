@@ -25,8 +25,9 @@ What keeps packing exact, so that a packed run learns what the unpacked one woul
 
 A micro-batch keeps `train.per_device_batch_size` samples, so the number of steps, what each step
 trains on and the loader's resume position are those of an unpacked run; only the layout changes.
-Within the micro-batch (the look-ahead buffer), samples go first-fit into rows, longest first,
-then each row keeps the samples in their original order: deterministic, a function of the batch.
+Within the micro-batch (the look-ahead buffer), samples are spread, longest first, over as few and
+as evenly filled rows as the budgets allow (`pack_samples`); each row keeps its samples in their
+original order: deterministic, a function of the batch.
 """
 
 from __future__ import annotations
@@ -59,26 +60,31 @@ def check_fits(sample: ModelSample, max_tokens: int, max_tiles: int, where: str 
 def pack_samples(samples: Sequence[ModelSample], max_tokens: int, max_tiles: int) -> list[list[int]]:
     """Rows of indices into `samples`: each row's tokens <= max_tokens and tiles <= max_tiles.
 
-    First-fit, longest sample first; each row lists its samples in their original order, and rows are
-    ordered by their first sample. Every sample is in exactly one row; a sample that alone exceeds a
-    budget raises ValueError (never dropped).
+    As few rows as the budgets allow, as even as possible: rows are padded to the longest one, so
+    filling one row to the brim and leaving a short one would pad the short one. Starting from the
+    fewest rows the totals need, each sample, longest first, goes to the row with the fewest tokens
+    that still has room for it (tokens and tiles), or to a new row when none has. Each row lists its
+    samples in their original order, and rows are ordered by their first sample. Every sample is in
+    exactly one row; a sample that alone exceeds a budget raises ValueError (never dropped).
     """
     for s in samples:
         check_fits(s, max_tokens, max_tiles)
-    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].input_ids), i))
-    rows: list[list[int]] = []
-    used: list[tuple[int, int]] = []  # (tokens, tiles) per row
-    for i in order:
-        tokens, tiles = len(samples[i].input_ids), sample_tiles(samples[i])
-        for r, (t, p) in enumerate(used):
-            if t + tokens <= max_tokens and p + tiles <= max_tiles:
-                rows[r].append(i)
-                used[r] = (t + tokens, p + tiles)
-                break
-        else:
-            rows.append([i])
-            used.append((tokens, tiles))
-    return sorted(sorted(row) for row in rows)
+    tokens = [len(s.input_ids) for s in samples]
+    tiles = [sample_tiles(s) for s in samples]
+    n_rows = max(1, -(-sum(tokens) // max_tokens), -(-sum(tiles) // max_tiles)) if samples else 0
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    used = [[0, 0] for _ in range(n_rows)]  # (tokens, tiles) per row
+    for i in sorted(range(len(samples)), key=lambda i: (-tokens[i], i)):
+        room = [r for r in range(len(rows)) if used[r][0] + tokens[i] <= max_tokens and used[r][1] + tiles[i] <= max_tiles]
+        if not room:
+            rows.append([])
+            used.append([0, 0])
+            room = [len(rows) - 1]
+        r = min(room, key=lambda r: (used[r][0], r))
+        rows[r].append(i)
+        used[r][0] += tokens[i]
+        used[r][1] += tiles[i]
+    return sorted(sorted(row) for row in rows if row)
 
 
 def iter_packs(samples: Iterable[ModelSample], max_tokens: int, max_tiles: int,
