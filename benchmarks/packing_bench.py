@@ -1,14 +1,15 @@
 """Padding and useful tokens/s: packed (`train.packing`) vs padded micro-batches, side by side in one run.
 
-    .venv/bin/python benchmarks/packing_bench.py [--samples 400] [--batch 8] [--steps 20] [--write-readme]
+    .venv/bin/python benchmarks/packing_bench.py [--samples 400] [--batch 8] [--steps 30] [--llm-width 512]
 
 The demo data mix (`vlm_core/demo.py`: colour questions on one- or two-tile images, shape questions,
 two-image comparisons and text-only samples) preprocessed as the demo trains it (data.max_dynamic_patch=2,
 data.max_seq_length=512, pad_to_multiple_of=8), shuffled with a fixed seed, cut into micro-batches of
 --batch samples, and collated twice: padded to the longest sample (today's collator) and packed
-(pack_max_tokens 512 = the demo's max_seq_length, pack_max_tiles 64). Every variant trains the same micro-batches on
-the tiny InternVL (fp32, sdpa, CPU, vision encoder frozen as in the demo, AdamW); the variants take
-turns step by step so a noisy machine slows them alike. Reported:
+(pack_max_tokens 512 = the demo's max_seq_length, pack_max_tiles 64). Both variants train the same
+micro-batches on the tiny InternVL (fp32, sdpa, CPU, one torch thread, vision encoder frozen as in the
+demo, AdamW), or with --llm-width N on a random copy whose language model is N wide and 4 layers deep;
+the variants take turns step by step so a noisy machine slows them alike. Reported:
 
 * padding: the share of the batch tensor's positions (rows x width) that hold no sample token;
 * useful tokens/s: the samples' own tokens (the dummy tile span of a text-only sample not counted)
@@ -55,6 +56,25 @@ def demo_samples(folder: Path, n: int, seed: int):
     return tok, model_dir, samples
 
 
+def make_model(model_dir: Path, llm_width: int):
+    """The tiny InternVL, or with --llm-width a random one whose language model is wider (4 layers of
+    llm_width, heads of 64): the same tokens, a larger share of the step that grows with the positions."""
+    import torch
+    from transformers import AutoConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(0)
+    if not llm_width:
+        return InternVLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    cfg = AutoConfig.from_pretrained(model_dir)
+    text = cfg.text_config
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = llm_width, 4 * llm_width, 4
+    text.num_attention_heads, text.num_key_value_heads, text.head_dim = llm_width // 64, max(1, llm_width // 128), 64
+    text.layer_types = ["full_attention"] * 4
+    for c in (cfg, text, cfg.vision_config):
+        c._attn_implementation = "sdpa"
+    return InternVLForConditionalGeneration(cfg)
+
+
 def batch_counts(batch: dict, samples: list) -> dict[str, int]:
     width = batch["input_ids"].numel()
     in_samples = sum(len(s.input_ids) for s in samples)
@@ -73,11 +93,10 @@ def main() -> None:
     ap.add_argument("--pack-max-tokens", type=int, default=512, help="train.pack_max_tokens (the demo's max_seq_length)")
     ap.add_argument("--pack-max-tiles", type=int, default=64, help="train.pack_max_tiles")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
-    ap.add_argument("--write-readme", action="store_true")
+    ap.add_argument("--llm-width", type=int, default=0, help="0: the tiny model; N: a random 4-layer language model N wide")
     args = ap.parse_args()
 
     import torch
-    from transformers import InternVLForConditionalGeneration
 
     from vlm_core.data.collator import Collator, model_inputs
     from vlm_core.model.loss import vlm_loss
@@ -94,8 +113,7 @@ def main() -> None:
 
     models, opts = {}, {}
     for name in variants:
-        torch.manual_seed(0)
-        m = InternVLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        m = make_model(model_dir, args.llm_width)
         for p in m.model.vision_tower.parameters():
             p.requires_grad_(False)
         m.train()
@@ -133,17 +151,13 @@ def main() -> None:
             "supervised_per_s": per_step["supervised"] / step_s,
         }
     base = rows["padded"]
+    model = "the tiny InternVL" if not args.llm_width else f"the tiny InternVL with a {args.llm_width}-wide, 4-layer language model"
     lines = [
-        "## Packing: padding and useful tokens/s, packed vs padded micro-batches",
+        f"### {model}",
         "",
         f"`python benchmarks/packing_bench.py --samples {args.samples} --batch {args.batch} --steps {args.steps} "
-        f"--pack-max-tokens {args.pack_max_tokens} --pack-max-tiles {args.pack_max_tiles} --threads {args.threads}`: "
-        f"the demo data mix ({len(samples)} samples, shuffled), micro-batches of {args.batch} samples, the tiny "
-        "InternVL on CPU (fp32, sdpa, vision encoder frozen), forward + backward + AdamW step, the variants taking "
-        "turns step by step. Padding: share of the batch tensor's positions holding no sample token. Useful tokens: "
-        "the samples' own tokens (not padding, not a text-only sample's masked dummy tile span); supervised: tokens "
-        "with a label. Rates from the median step time (and, in brackets, the fastest step, less exposed to other "
-        "load on the machine); both counts per step are the same for the two variants.",
+        f"--pack-max-tokens {args.pack_max_tokens} --pack-max-tiles {args.pack_max_tiles} --threads {args.threads} "
+        f"--llm-width {args.llm_width}`: {len(samples)} samples, micro-batches of {args.batch}.",
         "",
         "| collation | rows x width (mean) | padding | step, ms (fastest) | useful tokens/s (fastest) | vs padded "
         "| supervised tokens/s | vs padded |",
@@ -156,11 +170,6 @@ def main() -> None:
                      f"{r['supervised_per_s']:,.1f} | {r['supervised_per_s'] / base['supervised_per_s']:.2f}x |")
     print("\n".join(lines))
     print(json.dumps(rows, indent=1))
-    if args.write_readme:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from common import write_section
-
-        write_section("## Packing:", lines)
 
 
 if __name__ == "__main__":
