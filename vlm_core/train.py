@@ -7,8 +7,9 @@ HF Trainer does the optimisation; this module supplies what an InternVL fine-tun
   machine `use_cpu=True` is required, or the Trainer does not see the other ranks (2 ranks then
   either fail its batch-size check or, silently, both train as rank 0 on the same batches), and
   ZeRO-3 needs `deepspeed.init_distributed("gloo")` before the model is built.
-* The streaming shard loader, already split by rank, and the loss with InternVL's token / sample /
-  square reductions normalised over the global batch of each optimizer step (vlm_core.trainer).
+* The streaming shard loader, already split by rank (its micro-batches packed into rows with
+  train.packing, vlm_core.data.packing), and the loss with InternVL's token / sample / square
+  reductions normalised over the global batch of each optimizer step (vlm_core.trainer).
 * Checkpoints that count only once complete (`checkpoint_complete.json`), and resume from the newest
   complete one with the data position restored: the loader continues after the last sample the
   checkpoint trained on instead of replaying the epoch.
@@ -112,9 +113,9 @@ def build_trainer(cfg, targs, model, tokenizer, resume: Path | None, identity: s
 
     preprocess = make_preprocessor(tokenizer, cfg.data, model.config)
     collate = Collator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)  # evaluation: unpacked, comparable
-    t = cfg.train
-    pack = (t.pack_max_tokens, t.pack_max_tiles) if t.packing else None
-    train_collate = Collator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of, *(pack or (None, None)))
+    pack = (cfg.train.pack_max_tokens, cfg.train.pack_max_tiles) if cfg.train.packing else None
+    train_collate = Collator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of,
+                             pack_max_tokens=pack[0] if pack else None, pack_max_tiles=pack[1] if pack else None)
     stream_kw = dict(batch_size=cfg.train.per_device_batch_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers)
     train_stream = ShardStream.from_folder(cfg.data.shards, preprocess, train_collate, "train",
                                            shuffle_buffer=cfg.data.shuffle_buffer, shuffle_shards=cfg.data.shuffle_shards,

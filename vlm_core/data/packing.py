@@ -12,9 +12,9 @@ What keeps packing exact, so that a packed run learns what the unpacked one woul
   is neither a 2D mask nor a cache, and the language model's config has `use_cache=True`, which would
   build an empty cache even in training and silently let samples attend to each other.
   Flash-attention-2 takes the same position ids as variable-length sequences. So no token attends
-  to another sample's (tests/test_packing.py compares each sample's logits alone and packed). The dummy tile of a
-  text-only sample sits at that sample's end, so no real token of it attends to the span either,
-  exactly as with its attention 0 when unpacked.
+  to another sample's (tests/test_packing.py compares each sample's logits alone and packed). The
+  dummy tile of a text-only sample sits at that sample's end, so no real token of it attends to the
+  span either, exactly as with its attention 0 when unpacked.
 * Each sample's first label is -100: the last token of the sample before it would otherwise be
   trained to predict it (unpacked, a sample's first label is never a target).
 * `sample_index` (rows, width) names, for every token, the sample of the micro-batch it belongs to
