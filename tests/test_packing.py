@@ -3,6 +3,8 @@ reduction, gradient accumulation, two ranks), resume, and the config keys."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,6 +20,7 @@ from vlm_core.data.reference import ReferenceDataset
 from vlm_core.data.sample import IGNORE_INDEX
 from vlm_core.identity import make_identity
 from vlm_core.model.loss import global_weight_total, vlm_loss
+from vlm_core.progress import error_line
 
 REDUCTIONS = ["token", "sample", "square"]
 BUDGET = (1024, 64)  # pack_max_tokens, pack_max_tiles: the preprocessor's data.max_seq_length is 1024
@@ -216,9 +219,12 @@ def test_resume_mid_epoch_with_packing_gives_the_same_batches(demo_data, preproc
 
 def test_a_sample_over_the_tile_budget_stops_the_stream_naming_it(tmp_path, preprocessor, tokenizer):
     folder = write_shard_set(tmp_path / "shards", demo_records(8), per_shard=4)
-    with pytest.raises(ValueError, match=r"train-00000\d\.tar key demo-\d+-000 \(id s\d+\) has \d+ image tiles.*"
-                                         r"raise train.pack_max_tiles \(now 2\)"):
+    named = r"train-00000\d\.tar key demo-\d+-000 \(id s\d+\) has \d+ image tiles.*raise train.pack_max_tiles \(now 2\)"
+    with pytest.raises(ValueError, match=named) as caught:  # raised in a DataLoader worker
         _batches(_stream(folder, preprocessor, tokenizer, pack=(1024, 2)))
+    # the rank's one error line keeps the worker's message, not the start of the worker's traceback
+    line = error_line(caught.value)
+    assert re.search(named, line) and "Traceback" not in line and line.endswith("(ValueError in DataLoader worker process 0)")
 
 
 def test_config_keys_validation_and_identity(tmp_path):
