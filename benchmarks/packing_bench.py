@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -170,6 +171,7 @@ def main() -> None:
                      f"{r['supervised_per_s']:,.1f} | {r['supervised_per_s'] / base['supervised_per_s']:.2f}x |")
     print("\n".join(lines))
     print(json.dumps(rows, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
