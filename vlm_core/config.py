@@ -335,6 +335,21 @@ class TrainConfig(_Section):
         description="How token losses are weighted: token (each token 1), sample (1/n per sample of n "
         "supervised tokens), square (1/sqrt(n), InternVL 2.5/3's choice); normalised over the global batch.",
     )
+    packing: bool = Field(
+        False,
+        description="Pack each micro-batch's samples into as few rows as train.pack_max_tokens and "
+        "train.pack_max_tiles allow, instead of padding every sample to the longest: position ids restart at 0 per "
+        "sample so no sample attends to another, and every loss reduction weights samples exactly as unpacked. "
+        "A micro-batch still holds train.per_device_batch_size samples (steps, resume positions unchanged).",
+    )
+    pack_max_tokens: int = Field(
+        8192, ge=16, description="Most tokens in one packed row (train.packing); must be at least "
+        "data.max_seq_length so that every sample fits.",
+    )
+    pack_max_tiles: int = Field(
+        64, ge=1, description="Most image tiles in one packed row (train.packing), dummy tiles of text-only samples "
+        "included; a sample with more tiles stops training with an error naming it.",
+    )
     bf16: bool = Field(True, description="Train in bfloat16 mixed precision.")
     deepspeed: Literal["none", "zero1", "zero2", "zero3", "zero3_offload"] = Field(
         "zero2", description="DeepSpeed ZeRO stage (configs shipped in the repository), or none."
@@ -462,6 +477,12 @@ class FinetuneConfig(_Section):
             )
         if self.lora.enabled and self.lora.vision and self.model.unfreeze_vision_layers:
             raise ValueError("lora.vision=true adapts the vision encoder; set model.unfreeze_vision_layers=0")
+        if self.train.packing and self.train.pack_max_tokens < self.data.max_seq_length:
+            raise ValueError(
+                f"train.pack_max_tokens ({self.train.pack_max_tokens}) is below data.max_seq_length "
+                f"({self.data.max_seq_length}): a sample of that length could not be packed; raise "
+                "train.pack_max_tokens or lower data.max_seq_length"
+            )
         return self
 
 

@@ -7,8 +7,9 @@ HF Trainer does the optimisation; this module supplies what an InternVL fine-tun
   machine `use_cpu=True` is required, or the Trainer does not see the other ranks (2 ranks then
   either fail its batch-size check or, silently, both train as rank 0 on the same batches), and
   ZeRO-3 needs `deepspeed.init_distributed("gloo")` before the model is built.
-* The streaming shard loader, already split by rank, and the loss with InternVL's token / sample /
-  square reductions normalised over the global batch of each optimizer step (vlm_core.trainer).
+* The streaming shard loader, already split by rank (its micro-batches packed into rows with
+  train.packing, vlm_core.data.packing), and the loss with InternVL's token / sample / square
+  reductions normalised over the global batch of each optimizer step (vlm_core.trainer).
 * Checkpoints that count only once complete (`checkpoint_complete.json`), and resume from the newest
   complete one with the data position restored: the loader continues after the last sample the
   checkpoint trained on instead of replaying the epoch.
@@ -102,7 +103,6 @@ def build_trainer(cfg, targs, model, tokenizer, resume: Path | None, identity: s
     from vlm_core.data.manifest import read_manifest
     from vlm_core.data.preprocess import make_preprocessor
     from vlm_core.infer import questions_from_shards
-    from vlm_core.model.loss import vlm_loss
     from vlm_core.trainer import (
         CheckpointCompleteCallback,
         GenerativeEval,
@@ -112,10 +112,14 @@ def build_trainer(cfg, targs, model, tokenizer, resume: Path | None, identity: s
     )
 
     preprocess = make_preprocessor(tokenizer, cfg.data, model.config)
-    collate = Collator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
+    collate = Collator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)  # evaluation: unpacked, comparable
+    pack = (cfg.train.pack_max_tokens, cfg.train.pack_max_tiles) if cfg.train.packing else None
+    train_collate = Collator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of,
+                             pack_max_tokens=pack[0] if pack else None, pack_max_tiles=pack[1] if pack else None)
     stream_kw = dict(batch_size=cfg.train.per_device_batch_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers)
-    train_stream = ShardStream.from_folder(cfg.data.shards, preprocess, collate, "train", shuffle_buffer=cfg.data.shuffle_buffer,
-                                           shuffle_shards=cfg.data.shuffle_shards, **stream_kw)
+    train_stream = ShardStream.from_folder(cfg.data.shards, preprocess, train_collate, "train",
+                                           shuffle_buffer=cfg.data.shuffle_buffer, shuffle_shards=cfg.data.shuffle_shards,
+                                           pack=pack, **stream_kw)
     eval_stream, generative_eval = None, None
     if read_manifest(cfg.data.shards).eval.samples:
         eval_stream = ShardStream.from_folder(cfg.data.shards, preprocess, collate, "eval", shuffle_buffer=0,
@@ -138,8 +142,6 @@ def build_trainer(cfg, targs, model, tokenizer, resume: Path | None, identity: s
     trainer = VLMTrainer(
         model=model, args=targs, processing_class=tokenizer, train_stream=train_stream, eval_stream=eval_stream,
         reduction=reduction, stats=stats, sample_log=sample_log, generative_eval=generative_eval,
-        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: vlm_loss(
-            outputs.logits, labels, reduction, normalizer=num_items_in_batch),
         callbacks=[CheckpointCompleteCallback(identity), ProgressCallback(sample_log, resume, cfg.logging.progress_seconds)],
     )
     tensorboard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
