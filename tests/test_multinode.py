@@ -1,0 +1,228 @@
+"""Several nodes from one flow run: DeepSpeed's hostfile runner over a real sshd, two "nodes" that are two
+names of this machine (`localhost`, `127.0.0.1`), node 1 with a disk of its own (tests/helpers/sshd.py),
+so checkpoints meet only in storage. The hostfile checks run without any of that."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from helpers import data as D
+from helpers.servers import free_port
+from helpers.sshd import Sshd, missing_tools
+from vlm_core.config import ConfigError, FinetuneConfig, load_config, to_json
+from vlm_core.launch import check_launch, world_size
+from vlm_core.multinode import MARKER_ARG, parse_hostfile, split_host
+from vlm_core.progress import ProgressEvent, parse
+
+HOSTS = ["localhost slots=1", "127.0.0.1 slots=1"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tiny_model_dir) -> Path:
+    return D.training_shards(tmp_path_factory.mktemp("mn-data"), tiny_model_dir, 20, 6, 4)
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    missing = missing_tools()
+    if missing:  # a clear failure, not a silent skip: `make test` installs them (make system-deps)
+        pytest.fail(f"these tests need {', '.join(missing)}: run `make system-deps` as root "
+                    "(apt-get install openssh-server pdsh)")
+    server = Sshd(tmp_path_factory.mktemp("sshd")).start()
+    old = os.environ.get("PDSH_SSH_ARGS_APPEND")
+    os.environ.update(server.ssh_env())  # what the worker's user would put in ~/.ssh/config
+    yield server
+    if old is None:
+        os.environ.pop("PDSH_SSH_ARGS_APPEND", None)
+    else:
+        os.environ["PDSH_SSH_ARGS_APPEND"] = old
+    server.stop()
+
+
+def _cfg(tiny_model_dir, shards, out: Path, storage: Path, port: int | None = None, *extra: str) -> FinetuneConfig:
+    return load_config(None, [
+        "name=mn", f"model.path={tiny_model_dir}", "model.dtype=float32", f"data.shards={shards}",
+        "data.max_dynamic_patch=2", "data.num_workers=1", "data.shuffle_buffer=8", f"train.output_dir={out}",
+        "train.per_device_batch_size=2", "train.learning_rate=3e-3", "train.warmup_ratio=0", "train.bf16=false",
+        "train.lr_scheduler=constant", "train.logging_steps=1", "train.save_steps=3", "train.eval_steps=100",
+        "train.max_steps=6", "train.deepspeed=zero2", "lora.enabled=true", "lora.r=4", "train.save_total_limit=null",
+        "train.launcher=deepspeed", f"train.hostfile={json.dumps(HOSTS)}", f"train.master_port={free_port()}",
+        f"train.ssh_port={port or 22}", "train.shared_output_dir=false", f"storage.url={storage}",
+        "logging.report_to=[]", "eval.enabled=false", *extra])
+
+
+# --- the hostfile, checked before anything starts (no processes) ---
+
+def test_hostfile_lines_are_checked_naming_the_line(tiny_model_dir, tmp_path):
+    assert parse_hostfile(["# nodes", "", "node1 slots=8", "node2  slots=4"]) == {"node1": 8, "node2": 4}
+    with pytest.raises(ConfigError, match=r"train.hostfile line 2: 'node2 8' is not `HOST slots=N`"):
+        parse_hostfile(["node1 slots=8", "node2 8"])
+    with pytest.raises(ConfigError, match="line 2: node1 is listed twice"):
+        parse_hostfile(["node1 slots=8", "node1 slots=2"])
+    with pytest.raises(ConfigError, match="line 1: node1 has slots=0"):
+        parse_hostfile(["node1 slots=0"])
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("a slots=2\nb slots=3\nc slots=1\n")
+    base = ["train.launcher=deepspeed", "train.deepspeed=none", f"model.path={tiny_model_dir}", "train.master_addr=10.0.0.1"]
+    assert world_size(load_config(None, [*base, f"train.hostfile={hostfile}"])) == 6
+    assert world_size(load_config(None, [*base, f"train.hostfile={hostfile}", "train.exclude=b"])) == 3
+    assert world_size(load_config(None, [*base, f"train.hostfile={hostfile}", "train.include=a:0@c"])) == 2
+    with pytest.raises(ConfigError, match="train.include=zz: .*a, b, c"):
+        check_launch(load_config(None, [*base, f"train.hostfile={hostfile}", "train.include=zz"]))
+    with pytest.raises(ConfigError, match="train.master_addr=127.0.0.1 is this node's loopback"):
+        check_launch(load_config(None, [*base[:-1], f"train.hostfile={hostfile}"]))
+    with pytest.raises(ConfigError, match="train.hostfile=.*nope: no such file"):
+        check_launch(load_config(None, [*base, f"train.hostfile={tmp_path / 'nope'}"]))
+    with pytest.raises(ConfigError, match="train.shared_output_dir=false: .*set storage.url"):
+        check_launch(load_config(None, [*base, f"train.hostfile={hostfile}", "train.shared_output_dir=false"]))
+
+
+def test_events_are_read_behind_pdshs_host_prefix():
+    event = ProgressEvent("step", {"step": 3})
+    host, rest = split_host(f"127.0.0.1: {event.line()}")
+    assert host == "127.0.0.1" and parse(rest) == event
+    assert split_host("pdsh@head: 127.0.0.1: ssh exited with exit code 255")[0] is None
+    assert split_host("[2026-01-01 00:00:00,000] [INFO] [runner.py:1] cmd = pdsh")[0] is None
+
+
+# --- real nodes over ssh ---
+
+FLOW_SCRIPT = """
+import sys
+from flows.train import train
+from vlm_core.config import from_json
+train(from_json(open(sys.argv[1]).read()))
+"""
+
+
+def _flow_in_subprocess(cfg: FinetuneConfig, folder: Path) -> subprocess.Popen:
+    """The flow in a process of its own, reporting to the session's Prefect server, as a worker runs it."""
+    from prefect.settings import PREFECT_API_URL
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cfg.json").write_text(to_json(cfg))
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": PREFECT_API_URL.value()}
+    return subprocess.Popen([sys.executable, "-c", FLOW_SCRIPT, str(folder / "cfg.json")], env=env,
+                            stdout=open(folder / "flow.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _launch_processes(sshd: Sshd) -> list[psutil.Process]:
+    """Every process under the test's sshd (the nodes' shells, launchers, ranks, DataLoader workers) and every
+    process that carries a launch marker anywhere."""
+    found = {p.pid: p for p in psutil.Process(sshd.proc.pid).children(recursive=True)}
+    for p in psutil.process_iter(["cmdline"]):
+        if any(a.startswith(MARKER_ARG) for a in (p.info["cmdline"] or [])):
+            found[p.pid] = p
+    return list(found.values())
+
+
+def _rank_ids(samples: Path, steps_per_epoch: int) -> list[str]:
+    rows = [json.loads(x) for x in samples.read_text().splitlines()]
+    return [i for r in rows if r["step"] < steps_per_epoch for i in r["ids"]]
+
+
+def _node1(sshd: Sshd, folder: Path) -> Path:
+    """What node 1 sees at `folder`, on its own disk."""
+    return Path(f"{sshd.node1_root}{folder}")
+
+
+@pytest.fixture(scope="module")
+def unbroken(prefect_server, sshd, tiny_model_dir, shards, tmp_path_factory):
+    """One complete 2-node run through the train flow, node 1 on its own disk; its summary and folders."""
+    from flows.train import train
+
+    root = tmp_path_factory.mktemp("mn-unbroken")
+    out, storage = root / "out", root / "storage"
+    sshd.binds.write_text(f"{out}\n")
+    t0 = time.time()
+    state = train(_cfg(tiny_model_dir, shards, out, storage, sshd.port), return_state=True)
+    return {"summary": state.result(), "out": out, "storage": storage, "seconds": time.time() - t0,
+            "flow_run_id": state.state_details.flow_run_id}
+
+
+@pytest.mark.integration
+def test_two_nodes_over_ssh_train_disjoint_samples_and_checkpoint_completely_in_storage(unbroken, sshd):
+    from helpers.flow_runs import flow_run_logs
+
+    s, out = unbroken["summary"], unbroken["out"]
+    assert s["world_size"] == 2 and s["global_step"] == 6
+    node1 = _node1(sshd, out)
+    # each node wrote into its own folder: rank 0's samples on the head node, rank 1's on node 1's disk
+    assert (out / "samples" / "rank0.jsonl").is_file() and not (out / "samples" / "rank1.jsonl").exists()
+    r0, r1 = _rank_ids(out / "samples" / "rank0.jsonl", 4), _rank_ids(node1 / "samples" / "rank1.jsonl", 4)
+    assert len(r0) == len(r1) == 8 and not set(r0) & set(r1)  # 16 samples, 4 steps per epoch: disjoint halves
+    assert not (out / "checkpoint-6" / "global_step6" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
+    assert not (node1 / "checkpoint-6" / "global_step6" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists()
+    # ... and met in storage: complete, with both ranks' partitions and RNG states, a marker per rank
+    run = unbroken["storage"] / "runs" / s["run_id"]
+    for step in (3, 6):
+        files = json.loads((run / f"checkpoint-{step}" / "SHA256SUMS.json").read_text())["files"]
+        for rank in (0, 1):
+            assert f"global_step{step}/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in files
+            assert f"rng_state_{rank}.pth" in files
+            assert (run / f"checkpoint-{step}" / ".ranks" / f"rank{rank}.json").is_file()
+        assert {"checkpoint_complete.json", "adapter_model.safetensors", "trainer_state.json", "latest",
+                f"global_step{step}/mp_rank_00_model_states.pt"} <= set(files)
+    logs = flow_run_logs(unbroken["flow_run_id"])
+    assert any(m.startswith("step 6/6") for m in logs)  # rank 0's progress events, read behind "localhost: "
+    assert not (out / ".deepspeed_env").exists()  # it may hold credentials: gone after the run
+    assert _launch_processes(sshd) == []
+
+
+@pytest.mark.integration
+def test_killed_two_node_run_resumes_on_fresh_disks_from_storage(unbroken, sshd, tiny_model_dir, shards, tmp_path):
+    out, storage = tmp_path / "out", tmp_path / "storage"
+    sshd.binds.write_text(f"{out}\n")
+    cfg = _cfg(tiny_model_dir, shards, out, storage, sshd.port)
+    flow = _flow_in_subprocess(cfg, tmp_path / "flow")
+    run = storage / "runs" / unbroken["summary"]["run_id"]
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoint-3" / "SHA256SUMS.json").exists():
+        assert flow.poll() is None, (tmp_path / "flow" / "flow.log").read_text()[-3000:]
+        time.sleep(0.1)
+    assert (run / "checkpoint-3" / "SHA256SUMS.json").exists()
+    flow.send_signal(signal.SIGTERM)  # the worker cancels the flow run
+    flow.wait(timeout=60)
+    _, alive = psutil.wait_procs(_launch_processes(sshd), timeout=20)
+    assert alive == [], f"processes survived the cancel: {[(p.pid, p.cmdline()) for p in alive]}"
+    shutil.rmtree(out)  # both nodes' disks are lost
+    shutil.rmtree(sshd.node1_root)
+
+    from flows.train import train
+
+    s = train(cfg)
+    assert s["resumed_from"].endswith("checkpoint-3") and s["global_step"] == 6 and s["world_size"] == 2
+    reference = unbroken["summary"]["losses"]
+    for step in ("4", "5", "6"):
+        assert abs(s["losses"][step] - reference[step]) < 1e-4, (step, s["losses"], reference)
+
+
+@pytest.mark.integration
+def test_cancel_ends_every_process_on_every_node(prefect_server, sshd, tiny_model_dir, shards, tmp_path):
+    out = tmp_path / "out"
+    sshd.binds.write_text(f"{out}\n")
+    cfg = _cfg(tiny_model_dir, shards, out, tmp_path / "storage", sshd.port, "train.max_steps=500",
+               "train.save_steps=1000")
+    flow = _flow_in_subprocess(cfg, tmp_path / "flow")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        assert flow.poll() is None, (tmp_path / "flow" / "flow.log").read_text()[-3000:]
+        time.sleep(0.2)
+    procs = _launch_processes(sshd)
+    ranks = [p for p in procs if "vlm_core.train" in " ".join(p.cmdline()) and "deepspeed" not in " ".join(p.cmdline())]
+    assert len(ranks) >= 2, [p.cmdline() for p in procs]  # a rank on each node (+ DataLoader workers)
+    flow.send_signal(signal.SIGTERM)
+    flow.wait(timeout=60)
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    assert alive == [], f"processes survived the cancel: {[(p.pid, p.cmdline()) for p in alive]}"
+    assert _launch_processes(sshd) == []  # nothing new either: every PID under sshd is gone
