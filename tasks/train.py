@@ -16,8 +16,8 @@ never faces a silent log.
 
 With `train.hostfile` (train.launcher=deepspeed) this node runs DeepSpeed's runner, which starts every
 node over SSH and prefixes each node's lines with `host: `; events are read behind that prefix, a
-failing rank is named with its node, pdsh's own complaints (a node that cannot be reached, a node's
-exit code) go to the log as warnings, and a cancel ends the processes on every node
+failing rank is named with its node, pdsh's own lines (a node that cannot be reached, a node's exit
+code) go to the log, and a cancel ends the processes on every node
 (vlm_core.multinode). Without a shared folder (train.shared_output_dir=false) the ranks upload their
 own checkpoint files (vlm_core.rank_checkpoints) instead of this task.
 """
@@ -276,4 +276,6 @@ def _train(cfg: FinetuneConfig, lock: FolderLock) -> dict:
                 if uploader.failed_passes:
                     log.warning("%d checkpoint upload pass(es) failed while training and were retried; last error: %s",
                                 uploader.failed_passes, uploader.last_error)
+    if not cfg.train.shared_output_dir:  # the ranks uploaded their own files (vlm_core.rank_checkpoints)
+        log.info("newest checkpoint complete in storage (every rank's files): %s", newest_in_storage(cfg.storage.url, run_id))
     return summary
