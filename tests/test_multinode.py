@@ -262,3 +262,17 @@ def test_a_checkpoint_is_complete_once_every_rank_of_the_launch_uploaded(tmp_pat
     got = sorted(p.relative_to(fresh).as_posix() for p in fresh.rglob("*") if p.is_file())
     assert got == ["global_step3/mp_rank_00_model_states.pt", "global_step3/zero_pp_rank_1_mp_rank_00_optim_states.pt",
                    "rng_state_1.pth", "trainer_state.json"]
+
+
+def test_the_identity_holds_the_processes_per_node_not_the_hosts(tiny_model_dir):
+    from vlm_core.identity import make_identity
+
+    def identity(*lines: str, extra: tuple[str, ...] = ()) -> str:
+        cfg = load_config(None, ["train.launcher=deepspeed", f"model.path={tiny_model_dir}", "train.master_addr=10.0.0.1",
+                                 f"train.hostfile={json.dumps(list(lines))}", *extra])
+        return make_identity(cfg, "data", "model").id
+
+    same = identity("a slots=2", "b slots=2")
+    assert identity("fresh1 slots=2", "fresh2 slots=2", extra=("train.ssh_port=2222",)) == same  # resume on new nodes
+    assert identity("a slots=2", "b slots=2", "c slots=2", extra=("train.exclude=c",)) == same
+    assert identity("a slots=4") != same and identity("a slots=2", "b slots=1") != same
