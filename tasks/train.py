@@ -16,8 +16,9 @@ never faces a silent log.
 
 With `train.hostfile` (train.launcher=deepspeed) this node runs DeepSpeed's runner, which starts every
 node over SSH and prefixes each node's lines with `host: `; events are read behind that prefix, a
-failing rank is named with its node, pdsh's own lines (a node that cannot be reached, a node's exit
-code) go to the log, and a cancel ends the processes on every node
+failing rank is named with its node, every node's warnings and errors go to the log behind its name
+(the rest of each node's output is in train.log), as do pdsh's own lines (a node that cannot be
+reached, a node's exit code), and a cancel ends the processes on every node
 (vlm_core.multinode). Without a shared folder (train.shared_output_dir=false) the ranks upload their
 own checkpoint files (vlm_core.rank_checkpoints) instead of this task.
 """
@@ -29,6 +30,7 @@ import functools
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -67,6 +69,7 @@ from vlm_core.report import significant
 from vlm_core.safe_load import check_checkpoint_files
 
 QUIET_SECONDS = 5.0  # a "still ..." line when the log has been quiet this long (at least)
+NOTEWORTHY = re.compile(r"Traceback|Error|WARNING|Warning|Killed|exited with")  # a node's lines the run log shows
 
 
 def progress_line(f: dict) -> str:
@@ -242,6 +245,8 @@ def _train(cfg: FinetuneConfig, lock: FolderLock) -> dict:
             return
         event = parse(line)
         if event is None:
+            if host and NOTEWORTHY.search(line):
+                narrator.say("%s: %s", host, line)  # a node's warnings and errors, with the node's name
             return
         if event.kind == "done":
             summary.update(event.fields)

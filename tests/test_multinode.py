@@ -175,6 +175,7 @@ def test_two_nodes_over_ssh_train_disjoint_samples_and_checkpoint_completely_in_
                 f"global_step{step}/mp_rank_00_model_states.pt"} <= set(files)
     logs = flow_run_logs(unbroken["flow_run_id"])
     assert any(m.startswith("step 6/6") for m in logs)  # rank 0's progress events, read behind "localhost: "
+    assert any(m.startswith("127.0.0.1: ") and "Warning" in m for m in logs)  # node 1's warnings, named
     assert not (out / ".deepspeed_env").exists()  # it may hold credentials: gone after the run
     assert _launch_processes(sshd) == []
 
