@@ -375,6 +375,31 @@ class TrainConfig(_Section):
     master_addr: str = Field("127.0.0.1", description="Address of the rank-0 node.")
     master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on the rank-0 node.")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="The Slurm job (train.launcher=slurm).")
+    hostfile: str | list[str] | None = Field(
+        None,
+        description="train.launcher=deepspeed on several nodes: DeepSpeed's hostfile (one `HOST slots=N` line per "
+        "node, N training processes there; # comments), as a path on the worker's node or as the list of its lines. "
+        "The worker's node starts every node over SSH (pdsh); the world size is the sum of the slots left after "
+        "train.include / train.exclude. Null: one node, train.nproc_per_node processes.",
+    )
+    ssh_port: int | None = Field(
+        None, ge=1, le=65535, description="SSH port of every node in train.hostfile; null uses ssh's own default "
+        "(22, or the port ~/.ssh/config names for the host).",
+    )
+    include: str = Field(
+        "", description="DeepSpeed's --include for train.hostfile: the hosts (and slots) to use, e.g. "
+        "'node1@node2:0,1'; empty uses every host. Not together with train.exclude.",
+    )
+    exclude: str = Field(
+        "", description="DeepSpeed's --exclude for train.hostfile: hosts (or HOST:SLOTS) to leave out, e.g. 'node3'.",
+    )
+    shared_output_dir: bool = Field(
+        True,
+        description="Every node sees the same train.output_dir (a shared file system: the normal cluster set-up). "
+        "False: each node has a folder of its own at that path; every training process then uploads its own "
+        "checkpoint files to storage.url, a checkpoint counts as complete once all ranks' files are there, and a "
+        "resume fetches each node's files from storage (needs storage.url with storage.upload_checkpoints).",
+    )
 
     @field_validator("output_dir")
     @classmethod

@@ -66,6 +66,10 @@ NOT_IN_IDENTITY: dict[str, str] = {
     "train.slurm.gpus_per_node": "the GPUs the ranks run on, not what they compute",
     "train.slurm.cpus_per_task": "the CPU cores each rank gets",
     "train.slurm.extra_sbatch": "scheduling options of the Slurm job",
+    "train.ssh_port": "how the nodes are reached",
+    "train.include": "which hosts run the ranks; the processes per node they leave are train.hostfile's identity value",
+    "train.exclude": "which hosts run the ranks; the processes per node they leave are train.hostfile's identity value",
+    "train.shared_output_dir": "where checkpoint files meet (a shared folder or storage), not what they hold",
     "storage": "where checkpoints and models are uploaded",
     "logging": "where metrics are reported",
     "eval": "evaluation and promotion read the trained weights, they do not change them",
@@ -110,6 +114,10 @@ def identity_settings(cfg: FinetuneConfig) -> dict[str, Any]:
             flat[prefix] = value
 
     walk("", cfg.model_dump(mode="json"))
+    if cfg.train.hostfile is not None:  # the processes per node decide the data split, not the hosts' names
+        from vlm_core.multinode import active_hosts
+
+        flat["train.hostfile"] = list(active_hosts(cfg).values())
     return flat
 
 

@@ -11,7 +11,8 @@
   and ANLS to the eval metrics, next to eval_loss (the loss says how likely the reference answers
   are; these say whether the model now gives them).
 * `CheckpointCompleteCallback` marks a checkpoint complete once the save has returned, which is
-  what uploads and resume go by (vlm_core.checkpoints).
+  what uploads and resume go by (vlm_core.checkpoints); `RankUploadCallback` uploads each rank's own
+  files when the nodes share no folder (vlm_core.rank_checkpoints).
 * `ProgressCallback` writes `metrics.jsonl` and the progress events the Prefect task reads: a step
   event every `logging.progress_seconds` (step/total, samples/s, tokens/s, ETA, latest loss), and a
   phase event when evaluation starts, so a user is never left without news for long.
@@ -178,6 +179,21 @@ class CheckpointCompleteCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 mark_complete(folder, state.global_step, self.identity)
+        return control
+
+
+class RankUploadCallback(TrainerCallback):
+    """Every rank hands each checkpoint it saved to its uploader (train.shared_output_dir=false: each node
+    uploads its own files; vlm_core.rank_checkpoints). After CheckpointCompleteCallback, so rank 0's
+    upload includes the completion marker."""
+
+    def __init__(self, uploader):
+        self.uploader = uploader
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            self.uploader.submit(folder)
         return control
 
 
