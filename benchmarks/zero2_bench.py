@@ -115,7 +115,6 @@ def main() -> None:
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     import deepspeed
     import torch
-
     from train_bench import batches
 
     model_dir = WORK / "m100"
