@@ -166,7 +166,7 @@ def build_model(config, attn: str, device: str, seed: int, train_vision: bool):
     torch.manual_seed(seed)
     with torch.device(device):
         model = InternVLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
-    model.train()
+    model.to(device).train()  # a no-op where the device context already placed the weights
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(train_vision)
     return model
