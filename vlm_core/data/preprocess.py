@@ -3,7 +3,10 @@
 The glue between the shard record (`ShardSample` + image members) or a JSONL line with loose image
 files, and the model: decode and tile the images, render the template with one image span per
 image, truncate, and add the dummy tile a text-only sample needs. Both loaders (streaming and the
-map-style reference) call the same `Preprocessor`, so they produce identical inputs.
+map-style reference) call the same `Preprocessor`, so they produce identical inputs. Pixels come from
+data.resize_backend: `torch` (vlm_core.data.fast_tiling, the default: within 2 grey levels of PIL on
+photos, several times faster) or `pil` (vlm_core.data.tiling: InternVL's pixels bit for bit); both
+choose the same grid, so tile counts and token sequences never depend on the backend.
 
 Text-only samples get one dummy tile (zeros) whose `<IMG_CONTEXT>` span sits after the
 conversation with attention 0 and labels -100. Every sample then runs the vision tower, so all ranks
