@@ -89,6 +89,13 @@ class DataConfig(_Section):
     normalization: Literal["imagenet", "clip", "siglip"] = Field(
         "imagenet", description="Pixel mean/std constants used to normalise tiles."
     )
+    resize_backend: Literal["torch", "pil"] = Field(
+        "torch",
+        description="How tiles are decoded, resized and normalised: 'torch' (PyTorch's antialiased bicubic on uint8, "
+        "JPEG draft decoding where it cannot show, fused normalisation; within 2 grey levels of 'pil' on photos and "
+        "several times faster) or 'pil' (PIL's bicubic, bit for bit what InternVL and transformers' "
+        "GotOcr2ImageProcessorPil give). Changes the pixels, so it is part of the run identity.",
+    )
     max_seq_length: int = Field(
         4096, ge=16, description="Longest token sequence (text + image tokens); longer samples are reported."
     )
