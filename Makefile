@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-unit lint run serve deploy clean-venv
+.PHONY: install system-deps test test-unit lint run serve deploy clean-venv
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
@@ -29,10 +29,25 @@ $(STAMP): pyproject.toml
 	  || $(PY) -c "from deepspeed.ops.op_builder import ShareMemCommBuilder as B; B().load(); print('shm op JIT-built')"
 	touch $(STAMP)
 
+# System commands the multi-node tests and launchers run: sshd + pdsh (train.hostfile: DeepSpeed's runner starts
+# every node over SSH) and Slurm + munge (train.launcher=slurm). As root, what is missing is installed with
+# apt-get; otherwise the command to run is printed, and the tests that need them fail saying what is missing.
+SYSTEM_CMDS := sshd:openssh-server pdsh:pdsh srun:slurm-wlm munge:munge
+system-deps:
+	@missing=""; for pair in $(SYSTEM_CMDS); do cmd=$${pair%%:*}; pkg=$${pair#*:}; \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v $$cmd >/dev/null || missing="$$missing $$pkg"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null \
+	  || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
+	else echo "missing system packages:$$missing; install them as root: apt-get install$$missing" \
+	  "(the multi-node tests fail without them)"; fi
+
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: install lint
+test: install system-deps lint
 	$(VENV)/bin/pytest -q
 
 # The fast inner loop: every test that starts no server and no other process (under a minute on 2 cores).

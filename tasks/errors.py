@@ -21,6 +21,15 @@ class TrainingFailed(ProcessFailed):
     """A training rank raised an exception; the message names the first rank that did and its exception."""
 
 
+class JobInterrupted(ProcessFailed):
+    """The Slurm training job was preempted, hit its time limit or lost a node: a retry resumes from the
+    newest complete checkpoint."""
+
+
+class JobCancelled(ProcessFailed):
+    """The Slurm training job was cancelled outside the flow (scancel by a person or an admin): not retried."""
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions a user fixes by changing the config, the inputs or the environment.
     (ConfigError covers its subclasses: IdentityMismatch, UnsafeCheckpointError, CheckpointError.)"""
@@ -29,11 +38,12 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 def worth_retrying(exc: BaseException) -> bool:
     """True for storage out of reach, a training process that died without an exception of its own
-    (killed, out of memory, preempted: a retry resumes from the newest complete checkpoint) and any
-    error that is not a user error; False for user errors, which would fail the same way again."""
+    (killed, out of memory, preempted, a Slurm job that timed out or lost a node: a retry resumes from
+    the newest complete checkpoint) and any error that is not a user error; False for user errors,
+    which would fail the same way again."""
     if isinstance(exc, TransientStorageError):
         return True
-    if type(exc) is ProcessFailed:
+    if type(exc) in (ProcessFailed, JobInterrupted):
         return True
     return not isinstance(exc, user_errors())
 

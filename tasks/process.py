@@ -29,7 +29,11 @@ def process_tree(pid: int) -> list[psutil.Process]:
 
 def kill_tree(pid: int, grace: float = 10.0) -> None:
     """SIGTERM the process and its descendants, wait `grace` seconds, SIGKILL whatever is left."""
-    procs = process_tree(pid)
+    kill_procs(process_tree(pid), grace)
+
+
+def kill_procs(procs: list[psutil.Process], grace: float = 10.0) -> None:
+    """SIGTERM these processes, wait `grace` seconds, SIGKILL whatever is left (and children born meanwhile)."""
     for p in procs:
         try:
             p.terminate()
@@ -56,8 +60,10 @@ def run_group(
     on_line: Callable[[str], None] | None = None,
     on_start: Callable[[subprocess.Popen], None] | None = None,
     tail_lines: int = 40,
+    kill: Callable[[int], None] = kill_tree,
 ) -> None:
-    """Run `cmd` to completion; every line goes to `log_file` and `on_line`; raise on failure."""
+    """Run `cmd` to completion; every line goes to `log_file` and `on_line`; raise on failure.
+    `kill(pid)` takes the command's processes down on any other exit (default: its whole local tree)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=tail_lines)
     with open(log_file, "a", buffering=1) as log:
@@ -74,12 +80,12 @@ def run_group(
                     on_line(line.rstrip("\n"))
             rc = proc.wait()
         except BaseException:  # cancellation, crash, Ctrl-C: take the whole tree down
-            kill_tree(proc.pid)
+            kill(proc.pid)
             proc.wait()
             raise
         finally:
             if proc.poll() is None:
-                kill_tree(proc.pid)
+                kill(proc.pid)
                 proc.wait()
     if rc != 0:
         raise ProcessFailed(f"{cmd[0]} ... exited with code {rc}; last lines of {log_file}:\n" + "\n".join(tail))

@@ -124,6 +124,7 @@ def test_saved_processor_config_is_the_training_config(published):
 
 @pytest.mark.parametrize("backend", ["torchvision", "pil"])
 def test_hf_processor_gives_the_training_inputs(published, backend):
+    """transformers' processor against our PIL-exact backend (data.resize_backend=pil)."""
     processor = AutoProcessor.from_pretrained(published)  # the default backend is torchvision
     if backend == "pil":
         processor.image_processor = AutoImageProcessor.from_pretrained(published, backend="pil")
@@ -132,7 +133,7 @@ def test_hf_processor_gives_the_training_inputs(published, backend):
     std = torch.tensor(NORMALIZATION[DATA.normalization][1])[None, :, None, None]
     tiles, worst, values, far = set(), dict.fromkeys(TORCHVISION_GREY_LEVELS, 0.0), 0, 0
     for name, png in _images():
-        ids, pixels = _training_inputs(published, DATA, png)
+        ids, pixels = _training_inputs(published, DATA.model_copy(update={"resize_backend": "pil"}), png)
         got = processor.apply_chat_template(_messages(Image.open(io.BytesIO(png)).convert("RGB")),
                                             add_generation_prompt=True, tokenize=True, return_dict=True,
                                             return_tensors="pt")
@@ -149,6 +150,28 @@ def test_hf_processor_gives_the_training_inputs(published, backend):
     assert all(worst[kind] <= bound + 1e-3 for kind, bound in TORCHVISION_GREY_LEVELS.items()), worst
     assert far / values < 1e-3, far / values
     assert (max(worst.values()) > 0.5) == (backend == "torchvision")  # torchvision's resize differs, PIL's not
+
+
+def test_torch_backend_is_within_two_grey_levels_of_the_hf_pil_processor(published):
+    """Training's default backend (data.resize_backend=torch) against transformers' PIL-backend processor: the
+    same prompt ids and tile counts; pixels within 2 grey levels on photos and gradients."""
+    assert DATA.resize_backend == "torch"
+    processor = AutoProcessor.from_pretrained(published)
+    processor.image_processor = AutoImageProcessor.from_pretrained(published, backend="pil")
+    std = torch.tensor(NORMALIZATION[DATA.normalization][1])[None, :, None, None]
+    worst, values, far = {"photo": 0.0, "gradient": 0.0, "shape": 0.0}, 0, 0
+    for name, png in _images():
+        ids, pixels = _training_inputs(published, DATA, png)
+        got = processor.apply_chat_template(_messages(Image.open(io.BytesIO(png)).convert("RGB")),
+                                            add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            return_tensors="pt")
+        assert got["input_ids"][0].tolist() == ids and got["pixel_values"].shape == pixels.shape, name
+        grey = ((got["pixel_values"] - pixels) * std * 255).abs()
+        worst[name.split()[0]] = max(worst[name.split()[0]], grey.max().item())
+        values, far = values + grey.numel(), far + int((grey > 2.001).sum())
+    assert worst["photo"] <= 2.001 and worst["gradient"] <= 2.001, worst
+    # the demo shapes' hard edges scaled up: up to 9 grey levels (as the torchvision backend), on few values
+    assert 0.5 < worst["shape"] <= 9.001 and far / values < 1e-3, (worst, far / values)
 
 
 def test_processor_check_names_what_differs(published, tmp_path):

@@ -53,6 +53,7 @@ def test_every_setting_is_in_the_identity_or_excluded_with_a_reason():
 
 
 @pytest.mark.parametrize("change", ["train.learning_rate=1e-4", "lora.r=8", "train.max_steps=7", "data.shuffle_buffer=3",
+                                    "data.resize_backend=pil",
                                     "model.freeze_llm=true", "train.nproc_per_node=4"])
 def test_a_setting_that_changes_the_result_changes_the_identity(change, tmp_path):
     base = make_identity(_cfg(tmp_path), "data", "model")

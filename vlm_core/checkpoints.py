@@ -90,6 +90,11 @@ def newest_checkpoint(output_dir: str | Path, storage_url: str = "", run_id: str
         return str(local)
     if not storage_url:
         return None
+    return newest_in_storage(storage_url, run_id)
+
+
+def newest_in_storage(storage_url: str, run_id: str) -> str | None:
+    """The URL of the run's newest complete checkpoint in storage, or None."""
     base = run_url(storage_url, run_id)
     steps = [s for s in map(checkpoint_step, list_complete(base, "checkpoint-")) if s is not None]
     return f"{base}/checkpoint-{max(steps)}" if steps else None

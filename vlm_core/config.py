@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 LLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VISION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2"]
+
+
+# a Slurm time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit
+SLURM_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE", re.IGNORECASE)
+# sbatch options the slurm launcher sets itself, with the config key that decides them
+SLURM_MANAGED = {
+    "--nodes": "train.nnodes", "-N": "train.nnodes", "--ntasks-per-node": "train.nproc_per_node",
+    "--ntasks": "train.nnodes x train.nproc_per_node", "-n": "train.nnodes x train.nproc_per_node",
+    "--output": "the run folder (train.output_dir)", "-o": "the run folder (train.output_dir)",
+    "--error": "the run folder (train.output_dir)", "-e": "the run folder (train.output_dir)",
+    "--chdir": "the flow's working directory", "-D": "the flow's working directory",
+    "--partition": "train.slurm.partition", "-p": "train.slurm.partition", "--time": "train.slurm.time",
+    "-t": "train.slurm.time", "--account": "train.slurm.account", "-A": "train.slurm.account",
+    "--gpus-per-node": "train.slurm.gpus_per_node", "--cpus-per-task": "train.slurm.cpus_per_task",
+    "-c": "train.slurm.cpus_per_task",
+}
 
 
 class ConfigError(ValueError):
@@ -71,6 +88,13 @@ class DataConfig(_Section):
     )
     normalization: Literal["imagenet", "clip", "siglip"] = Field(
         "imagenet", description="Pixel mean/std constants used to normalise tiles."
+    )
+    resize_backend: Literal["torch", "pil"] = Field(
+        "torch",
+        description="How tiles are decoded, resized and normalised: 'torch' (PyTorch's antialiased bicubic on uint8, "
+        "JPEG draft decoding where it cannot show, fused normalisation; within 2 grey levels of 'pil' on photos and "
+        "several times faster) or 'pil' (PIL's bicubic, bit for bit what InternVL and transformers' "
+        "GotOcr2ImageProcessorPil give). Changes the pixels, so it is part of the run identity.",
     )
     max_seq_length: int = Field(
         4096, ge=16, description="Longest token sequence (text + image tokens); longer samples are reported."
@@ -230,6 +254,69 @@ class LoraConfig(_Section):
         return self
 
 
+class SlurmConfig(_Section):
+    """The Slurm batch job that runs training when train.launcher=slurm (vlm_core.slurm)."""
+
+    partition: str | None = Field(None, description="Slurm partition (sbatch --partition); null: the cluster's default.")
+    time: str | None = Field(
+        None,
+        description="Time limit of the job (sbatch --time): minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS; "
+        "null: the partition's default. A job that reaches it is retried and resumes from the newest checkpoint.",
+    )
+    account: str | None = Field(None, description="Account to charge (sbatch --account); null: the user's default.")
+    gpus_per_node: int | None = Field(
+        None, ge=1, description="GPUs per node (sbatch --gpus-per-node), shared by the node's "
+        "train.nproc_per_node ranks (each uses the GPU of its local rank); null: none (a CPU-only job, unless "
+        "train.slurm.extra_sbatch asks for GPUs with --gres=gpu:N or --gpus...).",
+    )
+    cpus_per_task: int | None = Field(
+        None, ge=1, description="CPU cores per rank (sbatch --cpus-per-task, also OMP_NUM_THREADS); null: Slurm's "
+        "default (one core per rank).",
+    )
+    extra_sbatch: list[str] = Field(
+        default_factory=list,
+        description="More #SBATCH options, one per item (e.g. '--qos=high', '--constraint=a100', '--exclusive'); "
+        "nodes, tasks, output and chdir are set from the config and may not be repeated here.",
+    )
+
+    @field_validator("partition", "account")
+    @classmethod
+    def _word(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c.isspace() for c in value)):
+            raise ValueError("must be one word without spaces (or null for the cluster's default)")
+        return value
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time_quoted(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"got the number {value}; write the time limit as a string in quotes, e.g. '90' "
+                             "(minutes) or '01:30:00' (YAML reads an unquoted 1:30:00 as the number 5400)")
+        return value
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, value: str | None) -> str | None:
+        if value is not None and not SLURM_TIME.fullmatch(value):
+            raise ValueError("is not a Slurm time limit; write minutes (90), HH:MM:SS (01:30:00) or D-HH:MM:SS "
+                             "(2-00:00:00)")
+        return value
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _extra(cls, value: list[str]) -> list[str]:
+        lines = []
+        for item in value:
+            line = item.strip().removeprefix("#SBATCH").strip()
+            if not line.startswith("-") or "\n" in line:
+                raise ValueError(f"{item!r} is not one sbatch option; write e.g. '--qos=high'")
+            option = line.split("=")[0].split()[0]
+            if option in SLURM_MANAGED:
+                raise ValueError(f"{item!r}: {option} is set from {SLURM_MANAGED[option]}; set that instead")
+            lines.append(line)
+        return lines
+
+
 class TrainConfig(_Section):
     """Optimisation, checkpointing and the distributed launch."""
 
@@ -263,6 +350,21 @@ class TrainConfig(_Section):
         description="How token losses are weighted: token (each token 1), sample (1/n per sample of n "
         "supervised tokens), square (1/sqrt(n), InternVL 2.5/3's choice); normalised over the global batch.",
     )
+    packing: bool = Field(
+        False,
+        description="Pack each micro-batch's samples into as few rows as train.pack_max_tokens and "
+        "train.pack_max_tiles allow, instead of padding every sample to the longest: position ids restart at 0 per "
+        "sample so no sample attends to another, and every loss reduction weights samples exactly as unpacked. "
+        "A micro-batch still holds train.per_device_batch_size samples (steps, resume positions unchanged).",
+    )
+    pack_max_tokens: int = Field(
+        8192, ge=16, description="Most tokens in one packed row (train.packing); must be at least "
+        "data.max_seq_length so that every sample fits.",
+    )
+    pack_max_tiles: int = Field(
+        64, ge=1, description="Most image tiles in one packed row (train.packing), dummy tiles of text-only samples "
+        "included; a sample with more tiles stops training with an error naming it.",
+    )
     bf16: bool = Field(True, description="Train in bfloat16 mixed precision.")
     deepspeed: Literal["none", "zero1", "zero2", "zero3", "zero3_offload"] = Field(
         "zero2", description="DeepSpeed ZeRO stage (configs shipped in the repository), or none."
@@ -278,14 +380,41 @@ class TrainConfig(_Section):
         "data and base model; local or in storage), 'none' starts fresh, anything else is a checkpoint folder "
         "to continue on purpose, even with other settings (recorded as the run's parent).",
     )
-    launcher: Literal["torchrun", "deepspeed", "python"] = Field(
-        "torchrun", description="How training processes are started."
+    launcher: Literal["torchrun", "deepspeed", "python", "slurm"] = Field(
+        "torchrun", description="How training processes are started: torchrun, the deepspeed launcher or plain python "
+        "on this machine, or slurm: a batch job of train.nnodes nodes x train.nproc_per_node ranks (train.slurm).",
     )
     nproc_per_node: int = Field(1, ge=1, description="Training processes per node.")
     nnodes: int = Field(1, ge=1, description="Number of nodes.")
     node_rank: int = Field(0, ge=0, description="This node's rank (multi-node launches).")
     master_addr: str = Field("127.0.0.1", description="Address of the rank-0 node.")
     master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on the rank-0 node.")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="The Slurm job (train.launcher=slurm).")
+    hostfile: str | list[str] | None = Field(
+        None,
+        description="train.launcher=deepspeed on several nodes: DeepSpeed's hostfile (one `HOST slots=N` line per "
+        "node, N training processes there; # comments), as a path on the worker's node or as the list of its lines. "
+        "The worker's node starts every node over SSH (pdsh); the world size is the sum of the slots left after "
+        "train.include / train.exclude. Null: one node, train.nproc_per_node processes.",
+    )
+    ssh_port: int | None = Field(
+        None, ge=1, le=65535, description="SSH port of every node in train.hostfile; null uses ssh's own default "
+        "(22, or the port ~/.ssh/config names for the host).",
+    )
+    include: str = Field(
+        "", description="DeepSpeed's --include for train.hostfile: the hosts (and slots) to use, e.g. "
+        "'node1@node2:0,1'; empty uses every host. Not together with train.exclude.",
+    )
+    exclude: str = Field(
+        "", description="DeepSpeed's --exclude for train.hostfile: hosts (or HOST:SLOTS) to leave out, e.g. 'node3'.",
+    )
+    shared_output_dir: bool = Field(
+        True,
+        description="Every node sees the same train.output_dir (a shared file system: the normal cluster set-up). "
+        "False: each node has a folder of its own at that path; every training process then uploads its own "
+        "checkpoint files to storage.url, a checkpoint counts as complete once all ranks' files are there, and a "
+        "resume fetches each node's files from storage (needs storage.url with storage.upload_checkpoints).",
+    )
 
     @field_validator("output_dir")
     @classmethod
@@ -388,6 +517,12 @@ class FinetuneConfig(_Section):
             )
         if self.lora.enabled and self.lora.vision and self.model.unfreeze_vision_layers:
             raise ValueError("lora.vision=true adapts the vision encoder; set model.unfreeze_vision_layers=0")
+        if self.train.packing and self.train.pack_max_tokens < self.data.max_seq_length:
+            raise ValueError(
+                f"train.pack_max_tokens ({self.train.pack_max_tokens}) is below data.max_seq_length "
+                f"({self.data.max_seq_length}): a sample of that length could not be packed; raise "
+                "train.pack_max_tokens or lower data.max_seq_length"
+            )
         return self
 
 

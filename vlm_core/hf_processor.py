@@ -28,11 +28,13 @@ when torchvision is installed, and `GotOcr2ImageProcessorPil`) maps to our tilin
 
 What a processor config cannot say, and so differs from training:
 
-- pixels: the PIL backend gives bit-identical tiles; the torchvision backend resizes with its own
-  bicubic kernel (and fuses rescale and normalise), so its tiles differ, in grey levels: at most 1
-  where an image is scaled down, 2 on photos and gradients scaled up, up to 10 at hard edges scaled
-  up (on under 0.1% of the values) and up to ~20 on pixel noise scaled up (tests/test_hf_load.py
-  measures it). Pass `backend="pil"` to `AutoImageProcessor` for training's exact pixels.
+- pixels: the PIL backend gives bit-identical tiles to training with data.resize_backend=pil; the
+  torchvision backend resizes with its own bicubic kernel (and fuses rescale and normalise), so its
+  tiles differ, in grey levels: at most 1 where an image is scaled down, 2 on photos and gradients
+  scaled up, up to 10 at hard edges scaled up (on under 0.1% of the values) and up to ~20 on pixel
+  noise scaled up (tests/test_hf_load.py measures it). Pass `backend="pil"` to `AutoImageProcessor`
+  for the PIL backend's pixels. Training with data.resize_backend=torch (the default) saw tiles
+  within 2 grey levels of the PIL backend's on photos (tests/test_fast_tiling.py).
 - data.min_dynamic_patch > 1: GotOcr2 orders grids of equal tile count differently, so some exact
   aspect-ratio ties pick another grid (rare: vlm_core.data.tiling counts 1,896 of 312 M size/setting
   cases up to 2000 px; e.g. 1000x400 px with exactly 4 tiles: training 4x1, transformers 2x2). With
@@ -196,7 +198,11 @@ def processor_difference(folder: Path, data: DataConfig) -> str | None:
 
     None when it does not: for each probe image, the prompt ids (one image + text, generation prompt)
     of the default backend and of the PIL backend equal those of our `Preprocessor` up to the
-    assistant's reply, and the PIL backend's pixels equal ours within PIXEL_TOLERANCE.
+    assistant's reply, and the PIL backend's pixels equal those of our `Preprocessor` with
+    data.resize_backend=pil within PIXEL_TOLERANCE. The pixels are compared with the PIL-exact backend
+    whatever training used: that is what proves the published settings (tile grid, thumbnail,
+    normalisation) are training's, bit for bit; the torch backend's own difference from it (≤ 2 grey
+    levels on photos, ~2 on the probes' upscaled noise) is a property of the backend, tested on its own.
     """
     from PIL import Image
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
@@ -207,7 +213,7 @@ def processor_difference(folder: Path, data: DataConfig) -> str | None:
 
     model_config = json.loads((folder / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    unlimited = data.model_copy(update={"max_seq_length": 1 << 30})  # the probe is never cut
+    unlimited = data.model_copy(update={"max_seq_length": 1 << 30, "resize_backend": "pil"})  # never cut
     preprocess = make_preprocessor(tokenizer, unlimited, model_config)
     turns = [Turn(from_="human", value=PROBE_TEXT), Turn(from_="gpt", value="A picture.")]
     default = AutoProcessor.from_pretrained(folder)

@@ -55,9 +55,22 @@ NOT_IN_IDENTITY: dict[str, str] = {
     "train.eval_steps": "how often evaluation runs (it does not touch the weights)",
     "train.eval_on_start": "whether evaluation also runs at step 0",
     "train.launcher": "which launcher starts the same ranks",
+    "train.packing": "lays out each micro-batch's same samples in fewer rows; losses equal the unpacked ones",
+    "train.pack_max_tokens": "the row length of packing, a layout of the same samples",
+    "train.pack_max_tiles": "the tile budget of a packed row, a layout of the same samples",
     "train.node_rank": "differs between the nodes of one run",
     "train.master_addr": "rendezvous address",
     "train.master_port": "rendezvous port",
+    "train.slurm.partition": "where the Slurm job runs",
+    "train.slurm.account": "who the Slurm job is charged to",
+    "train.slurm.time": "how long one Slurm job may run (a retry resumes the run)",
+    "train.slurm.gpus_per_node": "the GPUs the ranks run on, not what they compute",
+    "train.slurm.cpus_per_task": "the CPU cores each rank gets",
+    "train.slurm.extra_sbatch": "scheduling options of the Slurm job",
+    "train.ssh_port": "how the nodes are reached",
+    "train.include": "which hosts run the ranks; the processes per node they leave are train.hostfile's identity value",
+    "train.exclude": "which hosts run the ranks; the processes per node they leave are train.hostfile's identity value",
+    "train.shared_output_dir": "where checkpoint files meet (a shared folder or storage), not what they hold",
     "storage": "where checkpoints and models are uploaded",
     "logging": "where metrics are reported",
     "eval": "evaluation and promotion read the trained weights, they do not change them",
@@ -102,6 +115,10 @@ def identity_settings(cfg: FinetuneConfig) -> dict[str, Any]:
             flat[prefix] = value
 
     walk("", cfg.model_dump(mode="json"))
+    if cfg.train.hostfile is not None:  # the processes per node decide the data split, not the hosts' names
+        from vlm_core.multinode import active_hosts
+
+        flat["train.hostfile"] = list(active_hosts(cfg).values())
     return flat
 
 

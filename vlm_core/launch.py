@@ -3,8 +3,9 @@
 `python -m vlm_core.train --config run.json` is the one entry point; this module wraps it in the
 launcher the config asks for: plain python (one process), torchrun (N processes per node, one or
 several nodes with a static rendezvous at master_addr:master_port), or the deepspeed launcher
-(N processes, or several nodes from a hostfile). Everything that can be checked without starting
-processes is checked in `check_run`, so a bad config fails in a second, not after model loading;
+(N processes, or several nodes from `train.hostfile`, all started from this node over SSH:
+vlm_core.multinode); train.launcher=slurm submits a batch job instead (vlm_core.slurm). Everything
+that can be checked without starting processes is checked in `check_run`, so a bad config fails in a second, not after model loading;
 `check_launch` is the part that needs no shards yet (run before the prepare step of a whole run).
 """
 
@@ -17,12 +18,21 @@ from pathlib import Path
 import torch
 
 from vlm_core.config import ConfigError, FinetuneConfig
+from vlm_core.multinode import active_hosts, check_hostfile, is_multinode
+from vlm_core.slurm import asks_for_gpus, check_slurm
 
 DS_CONFIG_DIR = Path(__file__).with_name("ds_configs")
 
 
 def world_size(cfg: FinetuneConfig) -> int:
+    if is_multinode(cfg):
+        return sum(active_hosts(cfg).values())
     return cfg.train.nproc_per_node * cfg.train.nnodes
+
+
+def procs_per_node(cfg: FinetuneConfig) -> int:
+    """Training processes on the busiest node."""
+    return max(active_hosts(cfg).values()) if is_multinode(cfg) else cfg.train.nproc_per_node
 
 
 def gradient_accumulation(cfg: FinetuneConfig) -> int:
@@ -34,8 +44,8 @@ def gradient_accumulation(cfg: FinetuneConfig) -> int:
     if t.global_batch_size % per_step:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.per_device_batch_size "
-            f"({t.per_device_batch_size}) x train.nproc_per_node ({t.nproc_per_node}) x train.nnodes ({t.nnodes}) "
-            f"= {per_step}; pick a multiple of {per_step}"
+            f"({t.per_device_batch_size}) x {world_size(cfg)} processes (train.nproc_per_node x train.nnodes, or "
+            f"the slots of train.hostfile) = {per_step}; pick a multiple of {per_step}"
         )
     accum = t.global_batch_size // per_step
     if t.gradient_accumulation_steps not in (1, accum):
@@ -57,16 +67,27 @@ def check_launch(cfg: FinetuneConfig) -> None:
     from vlm_core.model.load import check_model_source
 
     t = cfg.train
+    if t.hostfile is not None:
+        check_hostfile(cfg)
+    if not t.shared_output_dir and not (cfg.storage.url and cfg.storage.upload_checkpoints):
+        raise ConfigError("train.shared_output_dir=false: each node keeps its own checkpoint files, so they meet only "
+                          "in storage; set storage.url (and storage.upload_checkpoints=true)")
     gradient_accumulation(cfg)
-    if t.deepspeed == "zero3_offload" and not torch.cuda.is_available():
+    if t.launcher == "slurm":
+        check_slurm(cfg)
+    # a Slurm job trains on the GPUs it asks for, not on this (login) machine's
+    gpus = asks_for_gpus(cfg) if t.launcher == "slurm" else torch.cuda.is_available()
+    on_cpu = "in a CPU-only Slurm job (no train.slurm.gpus_per_node)" if t.launcher == "slurm" else "on a CPU-only machine"
+    if t.deepspeed == "zero3_offload" and not gpus:
         raise ConfigError(
-            "train.deepspeed=zero3_offload offloads GPU memory to the CPU and needs CUDA GPUs; on a CPU-only "
-            "machine use train.deepspeed=zero3 (or zero2)"
+            f"train.deepspeed=zero3_offload offloads GPU memory to the CPU and needs CUDA GPUs; {on_cpu} "
+            "use train.deepspeed=zero3 (or zero2)"
         )
-    if t.bf16 and not torch.cuda.is_available() and t.deepspeed != "none":
-        raise ConfigError("train.bf16=true with DeepSpeed needs a GPU; on CPU set train.bf16=false")
+    if t.bf16 and not gpus and t.deepspeed != "none":
+        raise ConfigError(f"train.bf16=true with DeepSpeed needs a GPU; {on_cpu} set train.bf16=false")
     if t.launcher == "deepspeed" and t.nnodes > 1:
-        raise ConfigError("several nodes: use train.launcher=torchrun (static rendezvous at train.master_addr:port)")
+        raise ConfigError("several nodes with train.launcher=deepspeed: list them in train.hostfile (started from "
+                          "this node over SSH), or use train.launcher=torchrun with train.nnodes / node_rank on each node")
     if t.launcher == "python" and world_size(cfg) > 1:
         raise ConfigError(
             f"train.launcher=python starts one process but train.nproc_per_node x train.nnodes = {world_size(cfg)}; "
@@ -93,7 +114,7 @@ def thread_env(cfg: FinetuneConfig) -> dict[str, str]:
     """Environment for the training processes: threads split over the ranks of a node, no hub access."""
     cores = os.cpu_count() or 1
     env = {
-        "OMP_NUM_THREADS": str(max(1, cores // cfg.train.nproc_per_node)),
+        "OMP_NUM_THREADS": str(max(1, cores // procs_per_node(cfg))),
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
         "HF_HUB_OFFLINE": "1",

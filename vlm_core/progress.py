@@ -50,8 +50,19 @@ def parse(line: str) -> ProgressEvent | None:
 
 
 def error_line(exc: BaseException) -> str:
-    """This rank's uncaught exception as one line (whitespace folded, at most ~1000 characters)."""
-    message = " ".join(str(exc).split())
+    """This rank's uncaught exception as one line (whitespace folded, at most ~1000 characters).
+
+    An exception raised in a DataLoader worker reaches the rank re-raised by torch with the worker's whole
+    traceback as its message; the line keeps the worker's own exception message, which names the problem
+    (a traceback of ~1000 characters would push it past the cut)."""
+    text = str(exc)
+    if text.startswith("Caught ") and " in DataLoader worker process " in text:
+        lines = text.rstrip().splitlines()
+        last_frame = max((i for i, line in enumerate(lines) if line.startswith("  ")), default=0)
+        own = "\n".join(lines[last_frame + 1 :]) or lines[-1]
+        text = own.split(": ", 1)[1] if own.startswith(f"{type(exc).__name__}: ") else own
+        text += f" ({lines[0].split('.')[0].removeprefix('Caught ')})"
+    message = " ".join(text.split())
     message = message if len(message) <= 1000 else message[:1000] + "..."
     return f"{ERROR_PREFIX} rank={int(os.environ.get('RANK', 0))}: {type(exc).__name__}: {message}"
 

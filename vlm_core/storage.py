@@ -205,13 +205,45 @@ def _upload(local: Path, url: str, workers: int, retries: int) -> SyncReport:
     return report
 
 
-def download_folder(url: str, local: str | Path, workers: int = 8, retries: int = 4) -> SyncReport:
-    """Download a complete upload from `url` into `local`, verifying every file's sha256."""
+def put_files(local: str | Path, rels: list[str], url: str, workers: int = 8, retries: int = 4) -> dict[str, dict]:
+    """Upload some files of `local` into `url` (no manifest, no lock: several writers share one prefix,
+    each with its own files; vlm_core.rank_checkpoints); returns their {rel: {size, sha256}}."""
+    local = Path(local)
+    fs, root = _fs(url)
+    local_target = isinstance(fs, LocalFileSystem)
+
+    def send(rel: str) -> tuple[str, dict]:
+        path = local / rel
+        info = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        if local_target:
+            fs.makedirs(posixpath.dirname(f"{root}/{rel}"), exist_ok=True)
+        with_retries(lambda: fs.put_file(str(path), f"{root}/{rel}"), f"{url}/{rel}", "uploading to", retries)
+        return rel, info
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return dict(sorted(pool.map(send, rels)))
+
+
+def write_checksums(url: str, files: dict[str, dict], retries: int = 4) -> None:
+    """Mark the folder at `url` complete with the manifest of `files` (already uploaded by put_files)."""
+    fs, root = _fs(url)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(root, exist_ok=True)
+    manifest = json.dumps({"files": dict(sorted(files.items()))}, indent=1, sort_keys=True).encode()
+    with_retries(lambda: fs.pipe_file(f"{root}/{CHECKSUMS}", manifest), url, "marking complete", retries)
+
+
+def download_folder(url: str, local: str | Path, workers: int = 8, retries: int = 4,
+                    select: Callable[[str], bool] | None = None) -> SyncReport:
+    """Download a complete upload from `url` into `local`, verifying every file's sha256; with `select`,
+    only the files whose relative path it accepts."""
     local = Path(local)
     fs, root = _fs(url)
     files = with_retries(lambda: read_remote_checksums(url), url, "checking", retries)
     if files is None:
         raise StorageError(f"{url} has no {CHECKSUMS}: the upload is missing or incomplete")
+    if select is not None:
+        files = {rel: info for rel, info in files.items() if select(rel)}
     report = SyncReport(url, files=files)
     todo = []
     for rel, info in files.items():

@@ -3,7 +3,7 @@
 * `VLMTrainer` trains on the streaming shard loader, which is already split by rank, so it returns
   it from `get_train_dataloader` without accelerate's `prepare` (which would re-split or broadcast
   it), and gives the loss the normaliser of the whole global batch (all micro-batches, all ranks)
-  for InternVL's token / sample / square reductions. Every log record (losses, evaluation) carries
+  for InternVL's token / sample / square reductions (per original sample in a packed batch). Every log record (losses, evaluation) carries
   the data counters summed over all ranks and the samples/s since training started, so TensorBoard,
   W&B and `metrics.jsonl` see what the whole run read, not what rank 0 read.
 * `GenerativeEval` (`eval.during_training`): every evaluation the Trainer runs also answers the first
@@ -11,7 +11,8 @@
   and ANLS to the eval metrics, next to eval_loss (the loss says how likely the reference answers
   are; these say whether the model now gives them).
 * `CheckpointCompleteCallback` marks a checkpoint complete once the save has returned, which is
-  what uploads and resume go by (vlm_core.checkpoints).
+  what uploads and resume go by (vlm_core.checkpoints); `RankUploadCallback` uploads each rank's own
+  files when the nodes share no folder (vlm_core.rank_checkpoints).
 * `ProgressCallback` writes `metrics.jsonl` and the progress events the Prefect task reads: a step
   event every `logging.progress_seconds` (step/total, samples/s, tokens/s, ETA, latest loss), and a
   phase event when evaluation starts, so a user is never left without news for long.
@@ -34,7 +35,7 @@ from vlm_core.data.loader import DataStats, ShardStream, make_dataloader
 from vlm_core.data.preprocess import Preprocessor
 from vlm_core.evaluate import evaluate
 from vlm_core.infer import Predictor, Question
-from vlm_core.model.loss import global_weight_total
+from vlm_core.model.loss import global_weight_total, vlm_loss
 from vlm_core.progress import emit
 
 
@@ -94,10 +95,17 @@ class VLMTrainer(Trainer):
 
     def __init__(self, *args, train_stream: ShardStream, eval_stream: ShardStream | None, reduction: str,
                  stats: DataStats, sample_log: IO[str], generative_eval: GenerativeEval | None = None, **kwargs):
-        super().__init__(*args, train_dataset=train_stream, eval_dataset=eval_stream, **kwargs)
         self.train_stream, self.eval_stream, self.reduction = train_stream, eval_stream, reduction
         self.stats, self.sample_log, self.generative_eval = stats, sample_log, generative_eval
+        self._sample_index = None  # the current packed batch's per-token sample, for the loss
+        super().__init__(*args, train_dataset=train_stream, eval_dataset=eval_stream,
+                         compute_loss_func=self._loss, **kwargs)
         self.model_accepts_loss_kwargs = False  # our loss function takes the normaliser, not the model
+
+    def _loss(self, outputs, labels, num_items_in_batch=None):
+        """InternVL's reduction over the global batch; per original sample in a packed batch."""
+        return vlm_loss(outputs.logits, labels, self.reduction, normalizer=num_items_in_batch,
+                        sample_index=self._sample_index)
 
     def get_train_dataloader(self):
         dl = make_dataloader(self.train_stream)
@@ -122,11 +130,13 @@ class VLMTrainer(Trainer):
         # one eval batch); it counts supervised tokens, which is right only for the token reduction.
         if not batch_samples:
             return None
-        return global_weight_total([b["labels"] for b in batch_samples], self.reduction).to(device)  # all-reduced
+        return global_weight_total([(b["labels"], b.get("sample_index")) for b in batch_samples],
+                                   self.reduction).to(device)  # all-reduced
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         delta = inputs.pop("data_stats", None)
         ids = inputs.pop("sample_ids", None)
+        self._sample_index = inputs.pop("sample_index", None)  # packed batches only; the model does not take it
         if model.training and ids is not None:
             self.stats.add(delta or {})
             self.sample_log.write(json.dumps({"step": self.state.global_step, "ids": list(ids), "stats": delta or {}}) + "\n")
@@ -169,6 +179,21 @@ class CheckpointCompleteCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 mark_complete(folder, state.global_step, self.identity)
+        return control
+
+
+class RankUploadCallback(TrainerCallback):
+    """Every rank hands each checkpoint it saved to its uploader (train.shared_output_dir=false: each node
+    uploads its own files; vlm_core.rank_checkpoints). After CheckpointCompleteCallback, so rank 0's
+    upload includes the completion marker."""
+
+    def __init__(self, uploader):
+        self.uploader = uploader
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            self.uploader.submit(folder)
         return control
 
 

@@ -27,6 +27,10 @@ and plan the epoch ourselves from the manifest's per-shard sample counts:
   of the same worker, so step counts and resume positions stay exact. Counters travel with every
   batch (`batch["data_stats"]`) because workers are separate processes; sum them with
   `DataStats.add` and log `as_dict()`.
+* Packing (`train.packing`, vlm_core.data.packing) is the collator's: it lays out each micro-batch's
+  samples in rows, so positions, steps and resume are the same as unpacked. The stream only checks
+  that each sample fits a packed row, and stops with an error naming the shard, key and the setting
+  to raise when one does not (a sample is never dropped for its size).
 
 Use `make_dataloader` (batch_size=None: batches come collated from the dataset; workers not
 persistent, so `set_epoch` reaches them). With the HF Trainer, return it from an overridden
@@ -54,6 +58,7 @@ from webdataset.filters import shuffle as wds_shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vlm_core.data.manifest import read_manifest
+from vlm_core.data.packing import check_fits
 from vlm_core.data.preprocess import ModelSample, Preprocessor
 from vlm_core.data.sample import ShardSample
 from vlm_core.data.template import SampleRejected
@@ -212,6 +217,7 @@ class ShardStream(IterableDataset):
     num_workers: the DataLoader workers that will read this dataset (`make_dataloader` uses it);
         with a DataLoader of 0 workers the main process produces the identical stream.
     rank / world_size: default to the RANK / WORLD_SIZE environment variables (torchrun, deepspeed).
+    pack: (train.pack_max_tokens, train.pack_max_tiles) when the collator packs; every sample is checked to fit.
     """
 
     def __init__(
@@ -228,8 +234,10 @@ class ShardStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         state: LoaderState | None = None,
+        pack: tuple[int, int] | None = None,
     ):
         super().__init__()
+        self.pack = pack
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
@@ -322,6 +330,8 @@ class ShardStream(IterableDataset):
                 log.warning("sample skipped (%s): %s [%s %s]", exc.reason, exc, item.get("__url__"), item["__key__"])
                 pending += 1
                 continue
+            if self.pack is not None:
+                check_fits(sample, *self.pack, where=f"{item.get('__url__')} key {item['__key__']}")
             last_good = sample
             stats.replaced += pending
             for _ in range(1 + pending):

@@ -9,6 +9,10 @@ depending on how the batch was split. So the loss takes the normaliser from outs
 `global_weight_total` computes it from the labels of all micro-batches and all-reduces it across
 ranks. Because DDP / DeepSpeed *average* gradients over ranks, each rank's loss is multiplied by the
 world size, which makes the averaged gradient equal that of the batch computed at once.
+
+A packed batch (vlm_core.data.packing) holds several samples per row; its `sample_index` (rows, seq)
+names each token's sample, and the per-sample count n is taken per sample instead of per row, so
+packing weights every sample exactly as the unpacked batch does.
 """
 
 from __future__ import annotations
@@ -30,11 +34,22 @@ def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels[..., 1:]
 
 
-def token_weights(labels: torch.Tensor, reduction: Reduction) -> torch.Tensor:
-    """Per-position weights (batch, seq-1), zero where the shifted label is ignored."""
+def token_weights(labels: torch.Tensor, reduction: Reduction,
+                  sample_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-position weights (batch, seq-1), zero where the shifted label is ignored.
+
+    sample_index: (batch, seq) the sample each token belongs to (a packed batch); None means one sample
+    per row. The supervised-token count n of the `sample` / `square` reductions is per sample.
+    """
     target = shifted_labels(labels)
-    mask = (target != IGNORE_INDEX).to(torch.float32)
-    n = mask.sum(dim=-1, keepdim=True)  # supervised tokens per sample
+    mask = target != IGNORE_INDEX
+    if sample_index is None:
+        n = mask.sum(dim=-1, keepdim=True).to(torch.float32).expand_as(target)  # supervised tokens per row
+    else:
+        segment = shifted_labels(sample_index).to(labels.device).clamp(min=0)
+        counts = torch.zeros(int(segment.max()) + 1 if segment.numel() else 1, dtype=torch.float32, device=labels.device)
+        counts.scatter_add_(0, segment[mask], torch.ones(int(mask.sum()), dtype=torch.float32, device=labels.device))
+        n = counts[segment]  # supervised tokens of each position's sample
     if reduction == "token":
         per_sample = torch.ones_like(n)
     elif reduction == "sample":
@@ -43,19 +58,23 @@ def token_weights(labels: torch.Tensor, reduction: Reduction) -> torch.Tensor:
         per_sample = torch.where(n > 0, n.clamp(min=1).rsqrt(), torch.zeros_like(n))
     else:
         raise ValueError(f"train.loss_reduction={reduction!r}: must be one of token, sample, square")
-    return mask * per_sample
+    return mask.to(torch.float32) * per_sample
 
 
-def weight_total(labels: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+def weight_total(labels: torch.Tensor, reduction: Reduction, sample_index: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of token weights in one batch: its share of the normaliser."""
-    return token_weights(labels, reduction).sum()
+    return token_weights(labels, reduction, sample_index).sum()
 
 
-def global_weight_total(label_batches: Iterable[torch.Tensor], reduction: Reduction) -> torch.Tensor:
-    """The normaliser of one optimizer step: weight totals of all micro-batches, summed over ranks."""
+def global_weight_total(label_batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]],
+                        reduction: Reduction) -> torch.Tensor:
+    """The normaliser of one optimizer step: weight totals of all micro-batches, summed over ranks.
+
+    Each micro-batch is its labels, or (labels, sample_index) for a packed one."""
     total = torch.zeros((), dtype=torch.float32)
-    for labels in label_batches:
-        total = total + weight_total(labels.cpu(), reduction)
+    for item in label_batches:
+        labels, index = item if isinstance(item, tuple) else (item, None)
+        total = total + weight_total(labels.cpu(), reduction, None if index is None else index.cpu())
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         total = total.to(device)
@@ -69,16 +88,18 @@ def vlm_loss(
     reduction: Reduction = "square",
     normalizer: torch.Tensor | float | None = None,
     world_size: int = 1,
+    sample_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weighted cross-entropy of `logits` (batch, seq, vocab) against unshifted `labels` (batch, seq).
 
     normalizer: the global batch's weight total (`global_weight_total`); None uses this batch's own,
     i.e. the loss of this batch taken alone. world_size: ranks whose gradients get averaged.
+    sample_index: a packed batch's per-token sample (vlm_core.data.packing); None: one sample per row.
     A batch with no supervised token gives a zero loss that still backpropagates (every rank must run
     the same graph under DeepSpeed).
     """
     target = shifted_labels(labels).to(logits.device)
-    weights = token_weights(labels, reduction).to(logits.device)
+    weights = token_weights(labels, reduction, sample_index).to(logits.device)
     ce = F.cross_entropy(
         logits[..., :-1, :].reshape(-1, logits.size(-1)).float(),
         target.reshape(-1),
