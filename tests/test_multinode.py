@@ -180,6 +180,32 @@ def test_two_nodes_over_ssh_train_disjoint_samples_and_checkpoint_completely_in_
     assert _launch_processes(sshd) == []
 
 
+@pytest.mark.integration
+def test_two_nodes_lora_zero2_checkpoint_holds_both_ranks_and_the_adapter(prefect_server, sshd, tiny_model_dir, shards,
+                                                                        tmp_path):
+    """The issue's own case: 2 nodes x 1 process, ZeRO-2, LoRA, no shared folder. (Not compared loss for loss with
+    a resumed run: two identical LoRA runs on CPU already differ in the 3rd decimal, see the full fine-tune above.)"""
+    from flows.train import train
+
+    out, storage = tmp_path / "out", tmp_path / "storage"
+    sshd.binds.write_text(f"{out}\n")
+    cfg = _cfg(tiny_model_dir, shards, out, storage, sshd.port, "lora.enabled=true", "lora.r=4",
+               "train.max_steps=4", "train.save_steps=4")
+    s = train(cfg, return_state=True).result()
+    assert s["world_size"] == 2 and s["global_step"] == 4
+    r0 = _rank_ids(out / "samples" / "rank0.jsonl", 4)
+    r1 = _rank_ids(_node1(sshd, out) / "samples" / "rank1.jsonl", 4)
+    assert len(r0) == len(r1) == 8 and not set(r0) & set(r1)
+    ck = storage / "runs" / s["run_id"] / "checkpoint-4"
+    files = json.loads((ck / "SHA256SUMS.json").read_text())["files"]
+    assert {"adapter_model.safetensors", "adapter_config.json", "checkpoint_complete.json"} <= set(files)
+    assert "model.safetensors" not in files  # adapter-only: the base weights stay where they are
+    for rank in (0, 1):
+        assert f"global_step4/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in files
+        assert f"rng_state_{rank}.pth" in files
+    assert _launch_processes(sshd) == []
+
+
 def _ranks_by_node(procs: list[psutil.Process]) -> dict[str, list[int]]:
     """{mount namespace: rank PIDs}: node 1's ranks run in a mount namespace of their own (its own disk)."""
     found: dict[str, list[int]] = {}
