@@ -152,3 +152,27 @@ def test_workers_take_the_owner_environment_and_folder(tmp_path, monkeypatch):
     with process_pool(cfg) as pool:
         assert pool.submit(os.getenv, "VLMFT_TEST_MARK").result() == "set after the first pool"
         assert pool.submit(os.getcwd).result() == str(tmp_path)
+
+
+TRACKER_USER = """
+import gc, multiprocessing, sys, time
+from vlm_core.config import DataConfig
+from vlm_core.data.pool import process_pool
+queue = multiprocessing.get_context("spawn").Queue()  # someone else's semaphore, tracked before the pool
+with process_pool(DataConfig(prepare_workers=2)):
+    pass
+del queue
+gc.collect()  # its semaphore is unlinked and unregistered now, after the pool
+time.sleep(0.5)
+print("done")
+"""
+
+
+@pytest.mark.integration
+def test_a_pool_leaves_a_resource_tracker_it_did_not_start_alone():
+    """Stopping multiprocessing's tracker that other code's queues registered with (a DataLoader's, say)
+    made their later clean-up print a traceback; the pool stops only a tracker it started itself."""
+    run = subprocess.run([sys.executable, "-c", TRACKER_USER], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert run.returncode == 0 and run.stdout.strip() == "done", run.stderr
+    assert "Traceback" not in run.stderr, run.stderr

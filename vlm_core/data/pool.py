@@ -69,6 +69,7 @@ def process_pool(data: DataConfig, workers: int | None = None, model: ModelConfi
     if workers <= 1 or data.prepare_pool != "processes":
         yield None
         return
+    tracker_was_running = resource_tracker._resource_tracker._fd is not None
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker)
     for _ in range(workers):  # starts every worker now, importing while the caller plans
@@ -78,7 +79,8 @@ def process_pool(data: DataConfig, workers: int | None = None, model: ModelConfi
     finally:
         stop(pool)
         del pool
-        _stop_resource_tracker()
+        if not tracker_was_running:  # another user's semaphores (DataLoader queues) stay registered with theirs
+            _stop_resource_tracker()
 
 
 def stop(pool: ProcessPoolExecutor) -> None:
