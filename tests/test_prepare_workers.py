@@ -170,8 +170,9 @@ print("done")
 
 @pytest.mark.integration
 def test_a_pool_leaves_a_resource_tracker_it_did_not_start_alone():
-    """Stopping multiprocessing's tracker that other code's queues registered with (a DataLoader's, say)
-    made their later clean-up print a traceback; the pool stops only a tracker it started itself."""
+    """The pool leaves multiprocessing's resource tracker running: stopping it while other code's semaphores
+    (a DataLoader's queues, or the pool's own, still referenced by a Prefect task's parameters) were
+    registered made their later clean-up print a traceback."""
     run = subprocess.run([sys.executable, "-c", TRACKER_USER], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert run.returncode == 0 and run.stdout.strip() == "done", run.stderr

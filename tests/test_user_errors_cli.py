@@ -327,6 +327,9 @@ def test_ctrl_c_stops_vlmft_run_within_seconds_and_leaves_no_process(tmp_path, t
         rc = vlmft.wait(timeout=60)
         took = time.time() - interrupted
         _, alive = psutil.wait_procs(tree, timeout=1)
+        # multiprocessing's resource tracker (started for the prepare step's process pool) exits once vlmft has
+        # gone; orphaned, it stays a zombie where PID 1 never reaps, as in this container: exited, holding nothing
+        alive = [p for p in alive if _status(p) not in (psutil.STATUS_ZOMBIE, None)]
         said = log.read_text()
         assert took < 15, f"vlmft took {took:.0f} s to stop after Ctrl-C\n{said[-3000:]}"
         assert alive == [], f"left running: {[_command(p) for p in alive]}"
@@ -335,3 +338,10 @@ def test_ctrl_c_stops_vlmft_run_within_seconds_and_leaves_no_process(tmp_path, t
         if vlmft.poll() is None:
             os.killpg(vlmft.pid, signal.SIGKILL)
             vlmft.wait()
+
+
+def _status(p: psutil.Process) -> str | None:
+    try:
+        return p.status()
+    except psutil.NoSuchProcess:
+        return None

@@ -21,7 +21,6 @@ as its parent is gone, however it ended (SIGKILL included): a thread waits on
 
 from __future__ import annotations
 
-import gc
 import importlib
 import multiprocessing
 import multiprocessing.connection
@@ -31,7 +30,6 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from multiprocessing import resource_tracker
 
 from vlm_core.config import DataConfig, ModelConfig
 
@@ -69,7 +67,6 @@ def process_pool(data: DataConfig, workers: int | None = None, model: ModelConfi
     if workers <= 1 or data.prepare_pool != "processes":
         yield None
         return
-    tracker_was_running = resource_tracker._resource_tracker._fd is not None
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker)
     for _ in range(workers):  # starts every worker now, importing while the caller plans
@@ -78,9 +75,6 @@ def process_pool(data: DataConfig, workers: int | None = None, model: ModelConfi
         yield pool
     finally:
         stop(pool)
-        del pool
-        if not tracker_was_running:  # another user's semaphores (DataLoader queues) stay registered with theirs
-            _stop_resource_tracker()
 
 
 def stop(pool: ProcessPoolExecutor) -> None:
@@ -97,11 +91,3 @@ def stop(pool: ProcessPoolExecutor) -> None:
             p.kill()
             p.join()
     pool.shutdown(wait=True)  # the workers are gone: this only joins the executor's own thread
-
-
-def _stop_resource_tracker() -> None:
-    """Stop the helper process multiprocessing starts for the pool's named semaphores, once they are
-    freed (it restarts on demand). Left running, it exits only after this process does, and where
-    nothing reaps orphans (a container whose first process is not an init) it stays a zombie."""
-    gc.collect()  # frees the pool's queues: their semaphores unregister while the tracker runs
-    resource_tracker._resource_tracker._stop()
