@@ -168,21 +168,17 @@ def _upload(local: Path, url: str, workers: int, retries: int) -> SyncReport:
     unmark = threading.Lock()
     unmarked = [not remote]  # nothing to unmark when no manifest is there
 
-    local_target = isinstance(fs, LocalFileSystem)  # a local "bucket": folders must exist (object stores have none)
-
     def send(rel: str) -> int | None:
         path = local / rel
         info = {"size": path.stat().st_size, "sha256": sha256_file(path)}
         files[rel] = info
         if remote.get(rel) == info:
             return None
-        if local_target:
-            fs.makedirs(posixpath.dirname(f"{root}/{rel}"), exist_ok=True)
         with unmark:  # the folder is about to change: it is not complete until the new manifest lands
             if not unmarked[0]:
                 with_retries(lambda: fs.rm_file(f"{root}/{CHECKSUMS}"), url, "unmarking", retries)
                 unmarked[0] = True
-        with_retries(lambda: fs.put_file(str(path), f"{root}/{rel}"), f"{url}/{rel}", "uploading to", retries)
+        _put(fs, root, path, rel, url, retries)
         return info["size"]
 
     report = SyncReport(url)
@@ -198,11 +194,15 @@ def _upload(local: Path, url: str, workers: int, retries: int) -> SyncReport:
         return report
     if not unmarked[0]:  # only deletions: unmark before the manifest changes too
         with_retries(lambda: fs.rm_file(f"{root}/{CHECKSUMS}"), url, "unmarking", retries)
-    manifest = json.dumps({"files": report.files}, indent=1, sort_keys=True).encode()
-    if local_target:
-        fs.makedirs(root, exist_ok=True)
-    with_retries(lambda: fs.pipe_file(f"{root}/{CHECKSUMS}", manifest), url, "marking complete", retries)
+    write_checksums(url, report.files, retries)
     return report
+
+
+def _put(fs, root: str, path: Path, rel: str, url: str, retries: int) -> None:
+    """One file up to `{root}/{rel}`; a local "bucket" needs its folders made (object stores have none)."""
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(posixpath.dirname(f"{root}/{rel}"), exist_ok=True)
+    with_retries(lambda: fs.put_file(str(path), f"{root}/{rel}"), f"{url}/{rel}", "uploading to", retries)
 
 
 def put_files(local: str | Path, rels: list[str], url: str, workers: int = 8, retries: int = 4) -> dict[str, dict]:
@@ -210,14 +210,11 @@ def put_files(local: str | Path, rels: list[str], url: str, workers: int = 8, re
     each with its own files; vlm_core.rank_checkpoints); returns their {rel: {size, sha256}}."""
     local = Path(local)
     fs, root = _fs(url)
-    local_target = isinstance(fs, LocalFileSystem)
 
     def send(rel: str) -> tuple[str, dict]:
         path = local / rel
         info = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-        if local_target:
-            fs.makedirs(posixpath.dirname(f"{root}/{rel}"), exist_ok=True)
-        with_retries(lambda: fs.put_file(str(path), f"{root}/{rel}"), f"{url}/{rel}", "uploading to", retries)
+        _put(fs, root, path, rel, url, retries)
         return rel, info
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
