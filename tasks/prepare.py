@@ -9,14 +9,13 @@ without one it writes the group where the task runs.
 from __future__ import annotations
 
 from concurrent.futures import Executor
-from functools import lru_cache
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import retry_unless_user_error
 from vlm_core.config import FinetuneConfig
-from vlm_core.data.length import make_length_check, model_fingerprint
+from vlm_core.data.length import model_fingerprint
 from vlm_core.data.manifest import Manifest
 from vlm_core.data.readers import DatasetSpec
 from vlm_core.data.shards import (
@@ -26,17 +25,10 @@ from vlm_core.data.shards import (
     begin,
     finalize,
     plan_shards,
-    write_group,
     write_group_in,
+    write_group_job,
 )
 from vlm_core.demo import ensure_demo_data
-
-
-@lru_cache(maxsize=4)
-def _length_check(cfg_json: str):
-    """One tokenizer per process and config, shared by the groups this process writes."""
-    cfg = FinetuneConfig.model_validate_json(cfg_json)
-    return make_length_check(cfg.model, cfg.data)
 
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
@@ -58,7 +50,7 @@ def write_group_task(group: Group, datasets: list[DatasetSpec], cfg: FinetuneCon
                      pool: Executor | None = None) -> GroupResult:
     if pool is not None:
         return write_group_in(pool, group, datasets, cfg.data, cfg.model)
-    return write_group(group, datasets, cfg.data, _length_check(cfg.model_dump_json()))
+    return write_group_job(group, datasets, cfg.data, cfg.model)  # in this thread, one tokenizer per process
 
 
 @task(name="finalize-shards", cache_policy=NO_CACHE)
