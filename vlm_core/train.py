@@ -260,7 +260,23 @@ def run(cfg) -> dict:
     if trainer.is_world_process_zero():
         (Path(cfg.train.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=1))
     emit("done", **summary)
+    close_process_group()
     return summary
+
+
+def close_process_group() -> None:
+    """End the ranks' process group once every rank has finished.
+
+    Without it, gloo's worker threads are still alive while the interpreter shuts down, and a
+    rank can abort at exit ("terminate called without an active exception", SIGABRT) after a
+    run that trained and saved correctly; the launcher then reports the whole run as failed.
+    Called only on success: after an error the other ranks may never reach the barrier.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from transformers import InternVLForConditionalGeneration, Trainer, TrainingArgu
 
 from helpers.batches import TinySamples, make_batch, pad_collate  # noqa: E402
 from vlm_core.model.tiny import TILE_SIZE, TOKENS_PER_TILE  # noqa: E402
+from vlm_core.train import close_process_group  # noqa: E402
 from vlm_core.trainer import CheckpointCompleteCallback  # noqa: E402
 
 
@@ -61,6 +62,7 @@ def main(model_dir: str, output_dir: str, ds_config: str, max_steps: int, save_s
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.save_pretrained(Path(output_dir) / "final", state_dict=state)
     print(f"ZERO_STAGE {engine.zero_optimization_stage()} STEPS {trainer.state.global_step}", flush=True)
+    close_process_group()  # gloo's threads stopped before exit, as a real run does
 
 
 if __name__ == "__main__":
