@@ -217,7 +217,7 @@ class ShardStream(IterableDataset):
     num_workers: the DataLoader workers that will read this dataset (`make_dataloader` uses it);
         with a DataLoader of 0 workers the main process produces the identical stream.
     rank / world_size: default to the RANK / WORLD_SIZE environment variables (torchrun, deepspeed).
-    pack: (train.pack_max_tokens, train.pack_max_tiles) when the collator packs; every sample is checked to fit.
+    pack: (train.pack_max_tokens, train.pack_max_tiles) when the collator packs; every sample's tiles are checked to fit a row.
     """
 
     def __init__(
@@ -331,7 +331,7 @@ class ShardStream(IterableDataset):
                 pending += 1
                 continue
             if self.pack is not None:
-                check_fits(sample, *self.pack, where=f"{item.get('__url__')} key {item['__key__']}")
+                check_fits(sample, self.pack[1], where=f"{item.get('__url__')} key {item['__key__']}")
             last_good = sample
             stats.replaced += pending
             for _ in range(1 + pending):

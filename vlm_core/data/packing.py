@@ -46,31 +46,36 @@ def sample_tiles(sample: ModelSample) -> int:
     return int(sample.pixel_values.shape[0])
 
 
-def check_fits(sample: ModelSample, max_tokens: int, max_tiles: int, where: str = "") -> None:
-    """Raise ValueError naming the sample and the setting to raise when it alone exceeds a budget."""
-    tokens, tiles = len(sample.input_ids), sample_tiles(sample)
-    if tokens > max_tokens:
-        raise ValueError(f"{where or 'sample'} (id {sample.sample_id}) has {tokens} tokens, more than a packed row "
-                         f"holds: raise train.pack_max_tokens (now {max_tokens}) to at least {tokens}")
+def check_fits(sample: ModelSample, max_tiles: int, where: str = "") -> None:
+    """Raise ValueError naming the sample and the setting to raise when its tiles alone exceed a row's.
+
+    Tokens need no check: a row's token budget grows to the micro-batch's longest sample (`pack_samples`)."""
+    tiles = sample_tiles(sample)
     if tiles > max_tiles:
         raise ValueError(f"{where or 'sample'} (id {sample.sample_id}) has {tiles} image tiles, more than a packed "
                          f"row holds: raise train.pack_max_tiles (now {max_tiles}) to at least {tiles}")
 
 
 def pack_samples(samples: Sequence[ModelSample], max_tokens: int, max_tiles: int) -> list[list[int]]:
-    """Rows of indices into `samples`: each row's tokens <= max_tokens and tiles <= max_tiles.
+    """Rows of indices into `samples`: each row's tokens <= the token budget and tiles <= max_tiles.
 
+    The token budget is max_tokens, or the micro-batch's longest sample where that is longer: the
+    batch is at least that wide anyway, so a long sample takes a row of its own length (shorter ones
+    may join it) instead of stopping the run. This lets rows be kept short on purpose, for sdpa and
+    eager attention, whose block mask is dense: a row of L tokens costs L x L attention scores
+    whatever samples it holds (flash-attention-2 computes each sample's own block only).
     As few rows as the budgets allow, as even as possible: rows are padded to the longest one, so
     filling one row to the brim and leaving a short one would pad the short one. Starting from the
     fewest rows the totals need, each sample, longest first, goes to the row with the fewest tokens
     that still has room for it (tokens and tiles), or to a new row when none has. Each row lists its
     samples in their original order, and rows are ordered by their first sample. Every sample is in
-    exactly one row; a sample that alone exceeds a budget raises ValueError (never dropped).
+    exactly one row; a sample whose tiles alone exceed max_tiles raises ValueError (never dropped).
     """
     for s in samples:
-        check_fits(s, max_tokens, max_tiles)
+        check_fits(s, max_tiles)
     tokens = [len(s.input_ids) for s in samples]
     tiles = [sample_tiles(s) for s in samples]
+    max_tokens = max([max_tokens, *tokens])
     n_rows = max(1, -(-sum(tokens) // max_tokens), -(-sum(tiles) // max_tiles)) if samples else 0
     rows: list[list[int]] = [[] for _ in range(n_rows)]
     used = [[0, 0] for _ in range(n_rows)]  # (tokens, tiles) per row
