@@ -55,7 +55,7 @@ from vlm_core.checkpoints import (
 )
 from vlm_core.config import FinetuneConfig, to_json
 from vlm_core.identity import claim_run_folder, compute_identity
-from vlm_core.launch import check_run, command, thread_env
+from vlm_core.launch import check_run, command, free_rendezvous_port, thread_env
 from vlm_core.lock import FolderLock
 from vlm_core.multinode import (
     check_ssh,
@@ -244,6 +244,9 @@ def _train(cfg: FinetuneConfig, lock: FolderLock) -> dict:
         if resume:
             check_checkpoint_files(resume)  # storage is untrusted: refuse a crafted pickle before any launch
             log.info("resuming from %s", resume)
+    cfg, moved = free_rendezvous_port(cfg)
+    if moved:
+        log.warning(moved)
     run_json = out / "run.json"
     run_json.write_text(to_json(cfg))
     env = {**os.environ, **thread_env(cfg)}

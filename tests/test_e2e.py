@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -122,11 +123,15 @@ STEP_LINE = re.compile(r"step (\d+)/(\d+) \(\d+%\) \| [\d.e+-]+ samples/s \| [\d
 def test_quick_run_of_the_deployed_demo_on_a_fresh_server(prefect_api, tmp_path):
     """`make serve` + `make deploy`, then the UI's "Quick run": the run starts with the deployment's own
     parameters (deployments/finetune.yaml, only its folders moved out of the repository), writes the demo
-    data it needs, trains and reports; its log is never quiet for long and shows progress."""
+    data it needs, trains and reports; its log is never quiet for long and shows progress. Its rendezvous
+    port is held by another process (as by a second run on the same worker): the run moves to a free one."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
     cfg = load_config(ROOT / "deployments" / "finetune.yaml", [
         f"data.meta={tmp_path / 'data' / 'meta.json'}", f"data.shards={tmp_path / 'shards'}",
         f"model.path={tmp_path / 'tiny-internvl'}", f"train.output_dir={tmp_path / 'train'}",
-        f"storage.url={tmp_path / 'storage'}", f"train.master_port={free_port()}"])
+        f"storage.url={tmp_path / 'storage'}", f"train.master_port={busy.getsockname()[1]}"])
     ids = deploy_all(cfg, pool="e2e")
     dep = _call("GET", f"{prefect_api}/deployments/{ids['finetune']}").json()
     assert "cfg" not in (dep["parameter_openapi_schema"].get("required") or [])  # else the UI opens the form
@@ -158,6 +163,9 @@ def test_quick_run_of_the_deployed_demo_on_a_fresh_server(prefect_api, tmp_path)
     assert max(gaps) <= 15, [(str(log.timestamp), log.message) for log in train]
     messages = [log.message for log in train]
     assert any(m.startswith("loading the model from") for m in messages)
+    port = busy.getsockname()[1]
+    assert any(m.startswith(f"train.master_port={port} is in use on this machine") for m in messages), messages[:20]
+    busy.close()
     progress = [m for m in messages if STEP_LINE.match(m)]
     assert STEP_LINE.match(progress[0]).group(1) == "1" and progress[-1].startswith(f"step {cfg.train.max_steps}/")
 

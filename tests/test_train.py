@@ -224,6 +224,28 @@ def test_global_batch_size_sets_accumulation(tiny_model_dir, shards, tmp_path):
     assert gradient_accumulation(_cfg(tiny_model_dir, shards, tmp_path, "train.global_batch_size=16")) == 4
 
 
+def test_a_busy_rendezvous_port_moves_a_one_node_run_only():
+    import socket
+
+    from vlm_core.launch import free_rendezvous_port, port_in_use
+
+    with socket.socket() as busy:  # another run's rendezvous store, listening on 127.0.0.1
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert port_in_use(port)
+        one_node = load_config(None, [f"train.master_port={port}", "train.nproc_per_node=2"])
+        moved, said = free_rendezvous_port(one_node)
+        new = moved.train.master_port
+        assert new != port and not port_in_use(new) and said.startswith(f"train.master_port={port} is in use")
+        assert moved.model_copy(update={"train": moved.train.model_copy(update={"master_port": port})}) == one_node
+        for agreed in (["train.nnodes=2", "train.node_rank=0"],  # several nodes agreed on the port: it stays
+                       ["train.launcher=python"]):  # one process: no rendezvous
+            cfg = load_config(None, [f"train.master_port={port}", *agreed])
+            assert free_rendezvous_port(cfg) == (cfg, None)
+    assert not port_in_use(port) and free_rendezvous_port(one_node) == (one_node, None)  # free again: kept
+
+
 FLOW_SCRIPT = """
 import sys
 from flows.train import train

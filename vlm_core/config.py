@@ -390,7 +390,8 @@ class TrainConfig(_Section):
     nnodes: int = Field(1, ge=1, description="Number of nodes.")
     node_rank: int = Field(0, ge=0, description="This node's rank (multi-node launches).")
     master_addr: str = Field("127.0.0.1", description="Address of the rank-0 node.")
-    master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on the rank-0 node.")
+    master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on the rank-0 node; a one-node run "
+                             "moves to a free port when this one is taken on the machine (another run).")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="The Slurm job (train.launcher=slurm).")
     hostfile: str | list[str] | None = Field(
         None,

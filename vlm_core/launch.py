@@ -12,6 +12,7 @@ that can be checked without starting processes is checked in `check_run`, so a b
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -126,6 +127,36 @@ def thread_env(cfg: FinetuneConfig) -> dict[str, str]:
         env["WANDB_DIR"] = str(Path(cfg.train.output_dir).resolve())
         env["WANDB_MODE"] = "online" if cfg.logging.wandb_mode == "online" and os.environ.get("WANDB_API_KEY") else "offline"
     return env
+
+
+def port_in_use(port: int) -> bool:
+    """Whether a process on this machine listens on `port` (any address), as torch's rendezvous store would."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed run's TIME_WAIT does not count
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+def free_rendezvous_port(cfg: FinetuneConfig) -> tuple[FinetuneConfig, str | None]:
+    """A one-node launch whose train.master_port is taken moves to a free port; returns the config
+    to launch with and a line saying so (None when nothing moved).
+
+    Two one-node runs on one machine (the nightly run and a manual one on the same worker, say) would
+    both take the default 29500, and the second would die in torch's rendezvous with "address already
+    in use" after loading everything. The port only has to be agreed between this node's own
+    processes, so any free one does. Several nodes must agree on it: there it stays as configured."""
+    t = cfg.train
+    if t.launcher not in ("torchrun", "deepspeed") or t.nnodes > 1 or is_multinode(cfg) or not port_in_use(t.master_port):
+        return cfg, None
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    moved = cfg.model_copy(update={"train": t.model_copy(update={"master_port": port})})
+    return moved, (f"train.master_port={t.master_port} is in use on this machine (another training run?); "
+                   f"this one-node run meets its ranks on port {port} instead")
 
 
 def command(cfg: FinetuneConfig, config_path: str | Path, python: str = sys.executable) -> list[str]:
