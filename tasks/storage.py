@@ -13,7 +13,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import retry_unless_user_error
-from vlm_core.config import FinetuneConfig
+from vlm_core.config import ConfigError, FinetuneConfig
 from vlm_core.storage import upload_folder
 
 
@@ -23,7 +23,12 @@ def load_storage_credentials(cfg: FinetuneConfig) -> None:
         return
     from prefect.blocks.system import Secret
 
-    values = Secret.load(cfg.storage.secret_block).get()
+    try:
+        values = Secret.load(cfg.storage.secret_block).get()
+    except ValueError as exc:  # no such block on this Prefect server
+        raise ConfigError(f"storage.secret_block={cfg.storage.secret_block}: {exc}; create it (Prefect UI: Blocks, "
+                          "Secret, a JSON object of AWS_* keys) on the server PREFECT_API_URL names, or set "
+                          "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment") from exc
     values = json.loads(values) if isinstance(values, str) else values
     for key, value in values.items():
         if key.startswith("AWS_"):

@@ -15,7 +15,7 @@ from flows.merge import merge
 from helpers.flow_runs import flow_run_artifacts, flow_run_logs
 from helpers.servers import S3_ENV
 from vlm_core.checkpoints import mark_complete
-from vlm_core.config import load_config, to_json
+from vlm_core.config import load_config, to_json, to_yaml
 from vlm_core.model import build_for_training
 from vlm_core.storage import is_complete, upload_folder
 
@@ -74,6 +74,22 @@ def test_merge_flow_from_storage_with_secret_block(prefect_server, s3_server, ti
 
     again = merge(cfg)
     assert again["skipped"] is True
+
+    # the CLI's pointer commands read the same config's Secret block (the environment has no credentials)
+    import os
+
+    from prefect.settings import PREFECT_API_URL
+
+    (tmp_path / "run.yaml").write_text(to_yaml(cfg))
+    secret_keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # the merge above put them in this process only
+    env = {k: v for k, v in os.environ.items() if k not in secret_keys} | {"PREFECT_API_URL": PREFECT_API_URL.value()}
+    vlmft = Path(sys.executable).parent / "vlmft"
+    res = subprocess.run([vlmft, "current", "--config", tmp_path / "run.yaml"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and "no current model of lora-run: nothing promoted yet" in res.stdout, res.stderr[-2000:]
+    res = subprocess.run([vlmft, "current", "--config", tmp_path / "run.yaml", "storage.secret_block=no-such-block"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 2 and "vlmft: storage.secret_block=no-such-block: Unable to find block" in res.stderr, res.stderr
+    assert "AWS_SECRET_ACCESS_KEY in the environment" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_cli_merge_without_checkpoint_says_what_to_pass(prefect_server, tiny_model_dir, tmp_path):

@@ -4,7 +4,8 @@ Every subcommand takes `--config PATH` and any number of `key.path=value` overri
 `vlm_core.config.load_config`, so a value means the same on the command line, in YAML, in the
 Prefect UI form and in the training subprocess. Subcommands import what they run lazily, so
 `vlmft --help` and config checks stay fast. `current` and `promote` read a config only when one is
-given (`--name` and `--storage` can stand in for it) and run without Prefect.
+given (`--name` and `--storage` can stand in for it) and run without Prefect, except that a config's
+`storage.secret_block` is read from the Prefect server (PREFECT_API_URL) for its credentials.
 
 A user error (tasks.errors: config, data, storage, a locked folder, a failed training rank) ends the
 command with exit code 2 and one `vlmft: ...` line; Prefect's console log shows it without a
@@ -205,6 +206,10 @@ def _pointer_place(args: argparse.Namespace) -> tuple[str, str, FinetuneConfig |
         raise ConfigError(f"{args.command} needs the storage: {where}; pass --storage URL (the storage.url the model was "
                           "published to), or --config FILE with storage.url set")
     check_scheme("--storage", storage)
+    if cfg is not None and cfg.storage.secret_block and "://" in storage:  # its Secret block, from the Prefect server
+        from tasks.storage import load_storage_credentials
+
+        load_storage_credentials(cfg)
     check_bucket("--storage", storage)
     if "://" not in storage and not Path(storage).is_dir():
         raise ConfigError(f"--storage {storage}: no such folder; pass the storage.url the model was published to")
