@@ -98,3 +98,19 @@ def test_nothing_to_train_is_an_error(tiny_model_dir):
         build_for_training(cfg)
     with pytest.raises(ConfigError, match="no linear layer matches"):
         build_for_training(_cfg(tiny_model_dir, "lora.enabled=true", "lora.llm_target_modules=[qkv]"))
+
+
+def test_lora_starts_from_train_seed_whatever_the_process_drew_before(tiny_model_dir):
+    """Two runs of one config start from the same adapters (a rerun, or every rank), another seed from others."""
+
+    def adapters(seed_before: int, *overrides: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed_before)  # what imports and earlier work left in the generator
+        torch.rand(seed_before)
+        model = build_for_training(_cfg(tiny_model_dir, "lora.enabled=true", "lora.r=4", *overrides))
+        return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A." in n}
+
+    first, again = adapters(1), adapters(7)
+    assert first and first.keys() == again.keys()
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    other = adapters(1, "train.seed=43")
+    assert not any(torch.equal(first[n], other[n]) for n in first)
