@@ -130,7 +130,9 @@ def publish_and_promote(cfg: FinetuneConfig, identity: RunIdentity, merged: dict
         reason = decision.reason if cfg.eval.promote else f"eval.promote=false, not promoted ({decision.reason})"
     promoted = bool(decision and decision.promote and cfg.eval.promote)
     if promoted:
-        promote_task(cfg, model_url, metrics, lineage, decision.reason)
+        done = promote_task(cfg, model_url, metrics, lineage, decision.reason, evaluated["current_model"])
+        if isinstance(done, str):  # another run was promoted while this one evaluated: it was never compared
+            promoted, reason = False, done
     where = pointer_url(cfg.storage.url, cfg.name) if cfg.storage.url else None
     create_markdown_artifact(
         f"# {'Promoted' if promoted else 'Not promoted'}\n\n- candidate: `{model_url}`\n"

@@ -18,6 +18,7 @@ import s3fs
 from vlm_core.config import ConfigError
 from vlm_core.promote import (
     POINTER,
+    CurrentChanged,
     PointerError,
     decide,
     pointer_url,
@@ -102,6 +103,46 @@ def test_pointer_round_trip_previous_and_rollback(tmp_path):
     assert again["previous"] == str(b)
     assert sorted(p.name for p in (storage / "demo").iterdir()) == [POINTER]  # no temp file left behind
     assert b.is_dir() and (b / "config.json").is_file()  # a model no longer current stays where it was published
+
+
+def test_a_candidate_compared_with_an_older_current_model_is_not_promoted(tmp_path):
+    """Runs A and B both evaluate against no current model; A is promoted first. B never beat A, so it must
+    not overwrite it (last writer wins, however it scored), and the pointer keeps A."""
+    storage = str(tmp_path / "storage")
+    a = model_folder(tmp_path / "storage" / "runs" / "demo-aaaaaaaa" / "merged")
+    b = model_folder(tmp_path / "storage" / "runs" / "demo-bbbbbbbb" / "merged")
+    promote(storage, "demo", str(a), metrics(0.9), "exact_match", compared_with=None)  # A: nothing was current
+    with pytest.raises(CurrentChanged, match=rf"compared with no current model, and the pointer now names {a}"):
+        promote(storage, "demo", str(b), metrics(0.5), "exact_match", compared_with=None)
+    assert read_current(storage, "demo")["model"] == str(a)
+    doc = promote(storage, "demo", str(b), metrics(0.95), "exact_match", compared_with=str(a))  # compared with A
+    assert doc["model"] == str(b) and doc["previous"] == str(a)
+    assert promote(storage, "demo", str(a), None, "exact_match")["model"] == str(a)  # by hand: no check
+
+
+def test_concurrent_promotions_in_a_folder_are_one_after_the_other(tmp_path):
+    """Eight threads each promote their own model, all having compared with the same current one: exactly one
+    wins; the others are told the pointer moved (the lock holds the read and the write together)."""
+    storage = str(tmp_path / "storage")
+    base = model_folder(tmp_path / "storage" / "runs" / "base" / "merged")
+    promote(storage, "demo", str(base), None, "exact_match")
+    outcomes: list[str] = []
+
+    def run(i: int) -> None:
+        m = model_folder(tmp_path / "storage" / "runs" / f"m{i}" / "merged")
+        try:
+            promote(storage, "demo", str(m), metrics(0.5), "exact_match", compared_with=str(base))
+            outcomes.append("promoted")
+        except CurrentChanged:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["promoted"] + ["refused"] * 7
+    assert read_current(storage, "demo")["previous"] == str(base)
 
 
 def test_a_broken_pointer_is_an_error_naming_its_url(tmp_path):

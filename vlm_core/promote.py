@@ -25,10 +25,13 @@ evaluation) leaves the previous pointer valid, and a reader never sees a partial
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +54,13 @@ POINTER_KEYS = ("schema_version", "name", "model", "metric", "metrics", "promote
 
 class PointerError(StorageError):
     """`current.json` exists but is not a complete pointer document (corrupt, truncated or hand-edited)."""
+
+
+class CurrentChanged(RuntimeError):
+    """The pointer moved between a candidate's evaluation and its promotion: another run promoted meanwhile."""
+
+
+_UNCHECKED = object()  # promote(compared_with=...) not given: a promotion by hand, whatever is current
 
 
 @dataclass(frozen=True)
@@ -223,17 +233,56 @@ def lineage_summary(lineage: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def promote(storage_url: str, name: str, model_url: str, metrics: dict[str, Any] | None, metric: str,
-            lineage: dict[str, Any] | None = None, reason: str = "promoted by hand") -> dict[str, Any]:
+            lineage: dict[str, Any] | None = None, reason: str = "promoted by hand",
+            compared_with: Any = _UNCHECKED) -> dict[str, Any]:
     """Make `model_url` the current model of `name`: write `{storage_url}/{name}/current.json` and return it.
 
     Call it only after the model folder is completely published (it is checked here) and the decision is
     made; nothing else is written, so a model not promoted simply stays where it was published. `metrics`
     may be None (a model promoted by hand that was never evaluated); `reason` is recorded as given
     (Decision.reason after an evaluation).
+
+    compared_with: the current model's URL (None: there was none) that the evaluation compared the
+    candidate with. If the pointer names another model now, another run was promoted while this one
+    evaluated, and this candidate never beat it: CurrentChanged is raised and nothing is written (the
+    last writer would otherwise win, however it scored). In a local folder the check and the write
+    hold an exclusive lock, so two promotions are strictly one after the other; an object store offers
+    no compare-and-swap through fsspec, so there the window left is one GET to one PUT (milliseconds),
+    not an evaluation's minutes.
     """
     check_model_folder(model_url)
     model_url = model_location(model_url)
-    before = read_current(storage_url, name)
+    with _pointer_lock(storage_url, name):
+        before = read_current(storage_url, name)
+        now = before["model"] if before else None
+        if compared_with is not _UNCHECKED and now != compared_with:
+            raise CurrentChanged(
+                f"the current model of {name} changed while this candidate was evaluated: it was compared with "
+                f"{compared_with or 'no current model'}, and the pointer now names {now}; not promoted (run the "
+                "evaluation again to compare with the new current model)")
+        return _promote_over(storage_url, name, model_url, metrics, metric, lineage, reason, before)
+
+
+@contextmanager
+def _pointer_lock(storage_url: str, name: str) -> Iterator[None]:
+    """An exclusive lock on the pointer's folder while it is read and rewritten (local folders only)."""
+    fs, path = fsspec.core.url_to_fs(pointer_url(storage_url, name))
+    if not isinstance(fs, LocalFileSystem):
+        yield
+        return
+    folder = Path(path).parent  # the folder itself is locked: no lock file beside the pointer
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the descriptor closes, also if this process dies
+        yield
+    finally:
+        os.close(fd)
+
+
+def _promote_over(storage_url: str, name: str, model_url: str, metrics: dict[str, Any] | None, metric: str,
+                  lineage: dict[str, Any] | None, reason: str, before: dict[str, Any] | None) -> dict[str, Any]:
+    """Write the pointer document that replaces `before` (the pointer as read under the lock) and return it."""
     if before is None:
         previous = None
     elif before["model"] != model_url:
