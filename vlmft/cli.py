@@ -207,6 +207,8 @@ def _pointer_place(args: argparse.Namespace) -> tuple[str, str, FinetuneConfig |
                           "published to), or --config FILE with storage.url set")
     check_scheme("--storage", storage)
     if cfg is not None and cfg.storage.secret_block and "://" in storage:  # its Secret block, from the Prefect server
+        terminal.set_prefect_defaults()  # as for the flow commands: no telemetry, Ctrl-C safe temporary server
+        terminal.start_temporary_server()
         from tasks.storage import load_storage_credentials
 
         load_storage_credentials(cfg)
