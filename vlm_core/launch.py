@@ -140,6 +140,13 @@ def port_in_use(port: int) -> bool:
     return False
 
 
+def free_port() -> int:
+    """A TCP port no process on this machine listens on now (the system picks it)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def free_rendezvous_port(cfg: FinetuneConfig) -> tuple[FinetuneConfig, str | None]:
     """A one-node launch whose train.master_port is taken moves to a free port; returns the config
     to launch with and a line saying so (None when nothing moved).
@@ -151,9 +158,7 @@ def free_rendezvous_port(cfg: FinetuneConfig) -> tuple[FinetuneConfig, str | Non
     t = cfg.train
     if t.launcher not in ("torchrun", "deepspeed") or t.nnodes > 1 or is_multinode(cfg) or not port_in_use(t.master_port):
         return cfg, None
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     moved = cfg.model_copy(update={"train": t.model_copy(update={"master_port": port})})
     return moved, (f"train.master_port={t.master_port} is in use on this machine (another training run?); "
                    f"this one-node run meets its ranks on port {port} instead")

@@ -63,6 +63,18 @@ class LockHeld(RuntimeError):
     """Another live process writes to this folder or URL; the message names it and what to do."""
 
 
+@contextlib.contextmanager
+def flocked(path: Path, flags: int = os.O_RDONLY) -> Iterator[None]:
+    """An exclusive `fcntl.flock` on `path` (a file, or a folder itself) for the block, waiting for other
+    holders; it is dropped when the descriptor closes, also if the process dies."""
+    fd = os.open(path, flags, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def is_lock_file(name: str) -> bool:
     """True for the lock file and its short-lived rewrite temp files: never data, never uploaded."""
     return name == LOCK_NAME or name.startswith(LOCK_NAME + "-")
@@ -154,12 +166,8 @@ class FolderLock:
             if not os.environ.get(LOCK_DIR_ENV):  # the default is shared by every user, like the temp dir itself
                 with contextlib.suppress(OSError):
                     folder.chmod(0o1777)
-        fd = os.open(folder / "guard", os.O_RDONLY | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with flocked(folder / "guard", os.O_RDONLY | os.O_CREAT):
             yield
-        finally:
-            os.close(fd)  # closing drops the flock
 
     def _held_error(self, holder: dict) -> LockHeld:
         where = self.target if _is_url(self.target) else self.path.parent

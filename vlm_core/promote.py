@@ -25,7 +25,6 @@ evaluation) leaves the previous pointer valid, and a reader never sees a partial
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -41,6 +40,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from vlm_core.config import ConfigError
+from vlm_core.lock import flocked
 from vlm_core.storage import CHECKSUMS, StorageError, explain_error, with_retries
 
 POINTER = "current.json"
@@ -272,12 +272,8 @@ def _pointer_lock(storage_url: str, name: str) -> Iterator[None]:
         return
     folder = Path(path).parent  # the folder itself is locked: no lock file beside the pointer
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the descriptor closes, also if this process dies
+    with flocked(folder):
         yield
-    finally:
-        os.close(fd)
 
 
 def _promote_over(storage_url: str, name: str, model_url: str, metrics: dict[str, Any] | None, metric: str,

@@ -29,7 +29,6 @@ import argparse
 import base64
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -41,9 +40,9 @@ def _single_process_env() -> None:
     """A bare `python -m vlm_core.train` with DeepSpeed needs the variables a launcher would set."""
     if "RANK" in os.environ:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from vlm_core.launch import free_port
+
+    port = free_port()
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
